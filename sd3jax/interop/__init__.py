@@ -1,0 +1,1 @@
+"""Weight exchange with the PyTorch world (diffusers / transformers folder layouts)."""

@@ -1,0 +1,1 @@
+"""Flax Linen models: the MM-DiT, the autoencoder and the text encoders."""

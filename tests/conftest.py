@@ -1,0 +1,13 @@
+"""Test setup: 8 fake CPU devices, so sharding is tested on a real (simulated) mesh."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+jax.config.update("jax_default_matmul_precision", "highest")
