@@ -1,0 +1,12 @@
+"""Data: the shapes dataset, image-text ingest, record format, grain pipelines.
+
+Modules (imported explicitly; this package imports nothing heavy so grain
+worker processes and tools start fast):
+  shapes       procedural scenes, captions, VOCABULARY, eval prompts (numpy + PIL)
+  shapes_tfds  TFDS builder for shapes (ArrayRecord, no TensorFlow):
+               build_shapes / load_shapes
+  records      ArrayRecord + msgpack record sets with a manifest (raw and
+               precomputed examples): RecordWriter, ShardWriter, RecordSource
+  ingest       image folders / webdataset tars -> image_text records
+  pipeline     grain pipelines: make_image_text_pipeline, make_sequential_pipeline
+"""
