@@ -19,6 +19,7 @@ setup(
         "transformers>=4.45",
         "safetensors",
         "numpy",
+        "scipy",
         "pillow",
         "matplotlib",
         "tqdm",
@@ -26,7 +27,10 @@ setup(
     ],
     extras_require={
         # torch 2.13.0 is the CPU build on this machine's disk; other versions pull CUDA builds.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "scipy"],
+        # libtpu lets `sd3jax compile` build for a TPU topology on any machine; pinned to the
+        # version jax 0.10.2 was built against.
+        "test": ["pytest", "torch==2.13.0", "diffusers", "libtpu==0.0.42.1"],
+        "tpu": ["libtpu==0.0.42.1"],
     },
     entry_points={"console_scripts": ["sd3jax=sd3jax.cli:main"]},
 )

@@ -38,12 +38,15 @@ _ACTIVATION_RULES = (
 RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
     "dp": _ACTIVATION_RULES + (
         ("embed", None), ("mlp", None), ("heads", None), ("vocab", None),
+        ("conv_in", None), ("conv_out", None),
     ),
     "fsdp": _ACTIVATION_RULES + (
         ("embed", "fsdp"), ("mlp", None), ("heads", None), ("vocab", None),
+        ("conv_in", "fsdp"), ("conv_out", None),
     ),
     "fsdp_tp": _ACTIVATION_RULES + (
         ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+        ("conv_in", "fsdp"), ("conv_out", "tensor"),
     ),
 }
 
@@ -123,16 +126,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
+def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args,
+                   shardings: Any = None) -> tuple[Any, Any]:
   """Runs `init_fn(*args)` with its outputs created directly in their shards.
 
   Returns (state, shardings). The abstract shapes come from jax.eval_shape, the
   logical partition specs from the flax Partitioned boxes, so no device ever holds
-  the full set of weights. The returned state is unboxed (plain arrays).
+  the full set of weights. The returned state is unboxed (plain arrays). Pass
+  `shardings` when already known (e.g. from a restore target) to skip one trace.
   """
-  abstract = jax.eval_shape(init_fn, *args)
-  specs = nn.get_partition_spec(abstract)
-  shardings = logical_to_sharding(specs, mesh, rules)
+  if shardings is None:
+    abstract = jax.eval_shape(init_fn, *args)
+    specs = nn.get_partition_spec(abstract)
+    shardings = logical_to_sharding(specs, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules(rules)):
     state = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return state, shardings
