@@ -185,3 +185,20 @@ def save_transformer(model: mmdit.MMDiT, params: dict, folder: str,
 __all__ = ["load_transformer", "save_transformer", "transformer_config_from_diffusers",
            "transformer_config_to_diffusers", "transformer_params_from_state",
            "transformer_params_to_state"]
+
+
+# The VAE and whole pipelines, re-exported so `sd3jax.interop.diffusers` is the one entry point.
+# The pipeline names resolve lazily: sd3jax.interop.pipeline imports this module.
+from sd3jax.interop.diffusers_vae import load_vae, save_vae  # noqa: E402
+
+_PIPELINE_NAMES = ("Pipeline", "load_pipeline", "save_pipeline")
+
+
+def __getattr__(name: str):
+  if name in _PIPELINE_NAMES:
+    from sd3jax.interop import pipeline
+    return getattr(pipeline, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += ["load_vae", "save_vae", *_PIPELINE_NAMES]

@@ -1,0 +1,334 @@
+"""Text -> image: what diffusers' `StableDiffusion3Pipeline.__call__` does, in JAX.
+
+  prompts --TextEncoders--> (context, pooled), and the negative ones for guidance
+  z1 ~ N(0, I) latents (B, H / f, W / f, C), one key per image: fold_in(key(seed), index)
+  flow.sample over flow.sigmas(steps, shift) with the guided velocity
+      uncond + g (cond - uncond) (one batched network call on [cond; uncond]; g > 1 only)
+  images = (vae.decode(latents / scaling_factor + shift_factor) / 2 + 0.5).clip(0, 1)
+
+The network is called with sigma in [0, 1] (diffusers passes sigma * 1000; our MM-DiT
+scales inside). Denoising and decoding are one jitted function per (steps, sampler, shift,
+guidance on/off, mesh); the batch is split over the mesh's ("data", "fsdp") axes, padded to
+a multiple of the shards. Noise depends only on (seed, image index), so an image does not
+change with the batch size, the padding or the mesh.
+
+`Pipeline` bundles the components; `sd3jax.interop.diffusers.load_pipeline` builds one from
+a diffusers folder and `save_pipeline` writes one back.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sd3jax import flow, parallel
+from sd3jax.conditioning import TextEncoders
+from sd3jax.models import mmdit
+from sd3jax.models.vae import AutoencoderKL
+
+SAMPLERS = ("euler", "heun", "dpmpp_2m")
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """The components of SD3 text -> image sampling.
+
+  Params may be host numpy, device arrays, or arrays sharded over `mesh` (load_pipeline with
+  a mesh places them by `rules`). `text_encoder_folder` is a diffusers-layout folder holding
+  text_encoder{,_2,_3} and tokenizer{,_2,_3}: what `save_pipeline` copies (the encoders are
+  frozen). `shift` is the sampling shift (the scheduler's); `formulation` is what the
+  transformer predicts (only "rf" exports to diffusers).
+  """
+  transformer: mmdit.MMDiT
+  transformer_params: Any
+  vae: AutoencoderKL
+  vae_params: Any
+  text_encoders: TextEncoders | None
+  shift: float = 3.0
+  formulation: str = "rf"
+  text_encoder_folder: str | None = None
+  scheduler_config: dict | None = None  # The source's scheduler_config.json, kept for export.
+  mesh: Mesh | None = None
+  rules: Any = "fsdp_tp"
+  # Compiled functions and derived views; not an init field, so dataclasses.replace starts afresh.
+  _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+  @property
+  def latent_channels(self) -> int:
+    return self.transformer.cfg.in_channels
+
+  @property
+  def vae_scale_factor(self) -> int:
+    return self.vae.config.downsample_factor
+
+  @property
+  def patch_size(self) -> int:
+    return self.transformer.cfg.patch_size
+
+  @property
+  def default_size(self) -> int:
+    """diffusers' default height and width: transformer sample_size * vae_scale_factor."""
+    return self.transformer.cfg.sample_size * self.vae_scale_factor
+
+  def encoders(self, use_t5: bool = True) -> TextEncoders:
+    """The text encoders, or a view of them without T5 (its part zeros, as diffusers)."""
+    te = self.text_encoders
+    if te is None:
+      raise ValueError("This Pipeline has no text encoders; build it with TextEncoders "
+                       "(e.g. TextEncoders.from_pipeline_folder(folder)) to sample from prompts.")
+    if use_t5 or te.encoders["t5"] is None:
+      return te
+    if "no_t5" not in self._cache:
+      self._cache["no_t5"] = TextEncoders(
+          te.encoders["clip_l"], te.encoders["clip_g"], None, t5_length=te.t5_length,
+          t5_width=te.t5_width, clip_skip=te.clip_skip, t5_attention_mask=te.t5_attention_mask,
+          mesh=te.mesh, rules=te.rules)
+    return self._cache["no_t5"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks and helpers.
+# ------------------------------------------------------------------------------------------------
+def latent_shape(pipeline: Pipeline, height: int, width: int) -> tuple[int, int, int]:
+  """(H / f, W / f, C); fails like diffusers' check_inputs when the size does not fit."""
+  multiple = pipeline.vae_scale_factor * pipeline.patch_size
+  if height % multiple or width % multiple or height <= 0 or width <= 0:
+    raise ValueError(
+        f"height and width must be positive multiples of vae_scale_factor * patch_size = "
+        f"{pipeline.vae_scale_factor} * {pipeline.patch_size} = {multiple}; got "
+        f"{height}x{width}. Use e.g. {max(multiple, height // multiple * multiple)}x"
+        f"{max(multiple, width // multiple * multiple)}.")
+  f = pipeline.vae_scale_factor
+  return height // f, width // f, pipeline.latent_channels
+
+
+def initial_noise(seed: int, indices: Sequence[int] | np.ndarray,
+                  shape: tuple[int, ...]) -> jax.Array:
+  """N(0, I) latents, image i from fold_in(key(seed), i): independent of batching."""
+  return _noise(jax.random.key(seed), jnp.asarray(np.asarray(indices, np.int32)), tuple(shape))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _noise(key: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))(
+      indices)
+
+
+def _batch_axes(sharding: NamedSharding) -> tuple[Any, int]:
+  """(the spec entry of the batch axis, how many shards it makes)."""
+  if not isinstance(sharding, NamedSharding):
+    raise TypeError(f"batch_sharding must be a jax.sharding.NamedSharding (e.g. "
+                    f"parallel.batch_sharding(mesh, 4)), got {type(sharding).__name__}.")
+  spec = sharding.spec[0] if len(sharding.spec) else None
+  names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return spec, math.prod(sharding.mesh.shape[n] for n in names)
+
+
+def _on_mesh(tree: Any, mesh: Mesh) -> bool:
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(isinstance(getattr(x, "sharding", None), NamedSharding)
+                              and x.sharding.mesh == mesh for x in leaves)
+
+
+def _params_for(pipeline: Pipeline, mesh: Mesh | None) -> tuple[Any, Any]:
+  """The params as the jitted call needs them: replicated once on a foreign mesh, cached."""
+  params = (pipeline.transformer_params, pipeline.vae_params)
+  if mesh is None or _on_mesh(params, mesh):
+    return params
+  key = ("params", mesh)
+  if key not in pipeline._cache:
+    pipeline._cache[key] = jax.device_put(params, NamedSharding(mesh, P()))
+  return pipeline._cache[key]
+
+
+def _mesh_context(pipeline: Pipeline, mesh: Mesh | None):
+  if mesh is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  # jax.set_mesh, not `with mesh:`: flax's logical constraints only see the former.
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(parallel.get_rules(pipeline.rules or "fsdp_tp")))
+  return stack
+
+
+def _denoise_fn(pipeline: Pipeline, steps: int, sampler: str, shift: float, guided: bool,
+                mesh: Mesh | None):
+  """jit(params, z1, context, pooled, guidance) -> images in [0, 1]; one per static setting."""
+  key = ("denoise", steps, sampler, float(shift), guided, pipeline.formulation, mesh)
+  if key in pipeline._cache:
+    return pipeline._cache[key]
+  model, vae = pipeline.transformer, pipeline.vae
+
+  def run(tparams, vparams, z1, context, pooled, guidance):
+    def velocity(z, t):
+      return model.apply({"params": tparams}, z, t, context, pooled)
+    model_fn = flow.cfg(velocity, guidance) if guided else velocity
+    latents = flow.sample(model_fn, z1, steps, sampler, shift, pipeline.formulation)
+    images = vae.decode_latents(vparams, latents)
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+  pipeline._cache[key] = jax.jit(run)
+  return pipeline._cache[key]
+
+
+def _as_list(prompts: str | Sequence[str], what: str) -> list[str]:
+  if isinstance(prompts, str):
+    return [prompts]
+  out = list(prompts)
+  if not out or not all(isinstance(p, str) for p in out):
+    raise ValueError(f"{what} must be a string or a non-empty list of strings.")
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling.
+# ------------------------------------------------------------------------------------------------
+def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
+             negative_prompt: str | Sequence[str] | None = None, height: int | None = None,
+             width: int | None = None, steps: int = 28, guidance_scale: float = 5.0,
+             shift: float | None = None, sampler: str = "euler", seed: int = 0,
+             use_t5: bool = True, clip_skip: int | None = None, latents: Any = None,
+             batch_sharding: NamedSharding | None = None, batch_size: int | None = None,
+             progress: bool = True) -> np.ndarray:
+  """Images float32 (B, H, W, 3) in [0, 1], as StableDiffusion3Pipeline.__call__ makes them.
+
+  height / width default to diffusers' (sample_size * vae_scale_factor, or the size of
+  `latents`). `latents`: the initial noise, NHWC (B, H / f, W / f, C), instead of drawing it
+  from `seed`. Guidance runs when guidance_scale > 1 (diffusers' rule); a missing negative
+  prompt is "". `shift` defaults to the pipeline's (the scheduler's). `use_t5=False` replaces
+  T5 by zeros; `clip_skip` applies to the positive prompt only (as in diffusers).
+  `batch_sharding`: a NamedSharding whose first spec entry splits the batch (default:
+  ("data", "fsdp") of the pipeline's mesh, if any). `batch_size`: images per compiled call
+  (default all); a progress bar runs over the calls.
+  """
+  prompts = _as_list(prompts, "prompts")
+  n = len(prompts)
+  negatives = None
+  if negative_prompt is not None:
+    negatives = (n * [negative_prompt] if isinstance(negative_prompt, str)
+                 else _as_list(negative_prompt, "negative_prompt"))
+    if len(negatives) != n:
+      raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts; pass "
+                       "one per prompt or a single string.")
+  if sampler not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
+  if int(steps) < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}.")
+  if latents is not None:
+    latents = np.asarray(latents, np.float32)
+    f = pipeline.vae_scale_factor
+    if latents.ndim != 4 or latents.shape[0] != n:
+      raise ValueError(f"latents must be NHWC (batch {n}, H / {f}, W / {f}, "
+                       f"{pipeline.latent_channels}), got shape {latents.shape}.")
+    height = height or latents.shape[1] * f
+    width = width or latents.shape[2] * f
+  height, width = height or pipeline.default_size, width or pipeline.default_size
+  shape = latent_shape(pipeline, height, width)
+  if latents is not None and latents.shape[1:] != shape:
+    raise ValueError(f"latents have shape {latents.shape[1:]} per image but {height}x{width} "
+                     f"needs {shape} (NHWC: height / f, width / f, channels).")
+  shift = pipeline.shift if shift is None else float(shift)
+  guided = guidance_scale > 1.0
+
+  if batch_sharding is None and pipeline.mesh is not None:
+    batch_sharding = parallel.batch_sharding(pipeline.mesh, 4)
+  mesh, spec, shards = None, None, 1
+  if batch_sharding is not None:
+    spec, shards = _batch_axes(batch_sharding)
+    mesh = batch_sharding.mesh
+  chunk = -(-(batch_size or n) // shards) * shards  # Rounded up to whole shards.
+  encoders = pipeline.encoders(use_t5)
+  tparams, vparams = _params_for(pipeline, mesh)
+  run = _denoise_fn(pipeline, int(steps), sampler, shift, guided, mesh)
+
+  def place(x):
+    x = jnp.asarray(x)
+    if mesh is None:
+      return x
+    return jax.device_put(x, NamedSharding(mesh, P(spec, *[None] * (x.ndim - 1))))
+
+  from tqdm.auto import tqdm  # Local: a light import for users who only load pipelines.
+  out = []
+  starts = range(0, n, chunk)
+  for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
+    index = np.arange(start, start + chunk)
+    real = index < n
+    index = np.minimum(index, n - 1)  # Pad by repeating the last image; dropped below.
+    batch_prompts = [prompts[i] for i in index]
+    context, neg_context, pooled, neg_pooled = encoders.encode_prompt(
+        batch_prompts, do_classifier_free_guidance=guided, clip_skip=clip_skip,
+        negative_prompt=None if negatives is None else [negatives[i] for i in index])
+    if guided:  # flow.cfg calls the model on [z; z] and reads [cond; uncond].
+      context = jnp.concatenate([context, neg_context], axis=0)
+      pooled = jnp.concatenate([pooled, neg_pooled], axis=0)
+    z1 = latents[index] if latents is not None else initial_noise(seed, index, shape)
+    with _mesh_context(pipeline, mesh):
+      images = run(tparams, vparams, place(z1), place(context), place(pooled),
+                   jnp.float32(guidance_scale))
+    out.append(np.asarray(jax.device_get(images))[real])
+  return np.concatenate(out, axis=0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing images.
+# ------------------------------------------------------------------------------------------------
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[0, 1] floats -> uint8, rounded as diffusers' numpy_to_pil."""
+  return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2,
+              background: float = 1.0) -> np.ndarray:
+  """(B, H, W, 3) -> one (rows * (H + pad) + pad, cols * (W + pad) + pad, 3) image."""
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"make_grid expects (B, H, W, C) images, got shape {images.shape}.")
+  b, h, w, c = images.shape
+  cols = cols or math.ceil(math.sqrt(b))
+  rows = math.ceil(b / cols)
+  fill = 255 * background if images.dtype == np.uint8 else background
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), fill, images.dtype)
+  for i, image in enumerate(images):
+    r, q = divmod(i, cols)
+    y, x = pad + r * (h + pad), pad + q * (w + pad)
+    grid[y:y + h, x:x + w] = image
+  return grid
+
+
+def _slug(text: str, limit: int = 48) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "image"
+
+
+def save_images(images: np.ndarray, out_dir: str, prompts: Sequence[str] | None = None, *,
+                cols: int | None = None, grid_name: str = "grid.png") -> list[str]:
+  """Writes NNNN_<prompt>.png per image and a grid; returns the paths, the grid last."""
+  from PIL import Image  # Local: only needed when writing files.
+
+  images = to_uint8(images)
+  if prompts is not None:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(images):
+      raise ValueError(f"{len(images)} images but {len(prompts)} prompts.")
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for i, image in enumerate(images):
+    name = f"{i:04d}" + (f"_{_slug(prompts[i])}" if prompts else "") + ".png"
+    paths.append(os.path.join(out_dir, name))
+    Image.fromarray(image).save(paths[-1])
+  paths.append(os.path.join(out_dir, grid_name))
+  Image.fromarray(make_grid(images, cols)).save(paths[-1])
+  return paths
+
+
+__all__ = ["Pipeline", "SAMPLERS", "generate", "initial_noise", "latent_shape", "make_grid",
+           "save_images", "to_uint8"]
