@@ -1,0 +1,136 @@
+"""AOT compilation for TPU topologies through libtpu, on a CPU-only machine.
+
+Needs libtpu (aot.libtpu_requirement()); without it these tests fail, on purpose.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sd3jax import aot, parallel
+from sd3jax.models import mmdit
+
+TOPOLOGY = "v5p:2x2x1"  # the smallest multi-chip v5p slice (v5p-8): 4 chips
+
+
+def tiny(scan_layers: bool) -> mmdit.MMDiTConfig:
+  return mmdit.MMDiTConfig(depth=3, hidden_size=64, num_heads=2, joint_attention_dim=32,
+                           pooled_projection_dim=32, pos_embed_max_size=16, sample_size=8,
+                           dtype="bfloat16", scan_layers=scan_layers)
+
+
+@pytest.fixture(scope="module")
+def tiny_reports():
+  return {scan: aot.mmdit_train_step_report(tiny(scan), TOPOLOGY, global_batch=8,
+                                             latent_hw=(8, 8), text_len=8)
+          for scan in (True, False)}
+
+
+def test_topology_names():
+  assert aot.parse_topology("v5p:4x4x4") == ("v5p", (4, 4, 4))
+  assert aot.parse_topology("v5p-128") == ("v5p", (4, 4, 4))    # 128 TensorCores = 64 chips
+  assert aot.parse_topology("v5p-64") == ("v5p", (2, 4, 4))
+  assert aot.parse_topology("v5p-8") == ("v5p", (2, 2, 1))
+  assert aot.parse_topology("v4-8") == ("v4", (2, 2, 1))
+  assert aot.parse_topology("v6e-16") == ("v6e", (4, 4))
+  assert aot.parse_topology("v6e-256") == ("v6e", (16, 16))
+  assert aot.parse_topology("v5litepod-8") == ("v5e", (2, 4))
+  with pytest.raises(ValueError, match="v5p:2x2x1"):
+    aot.parse_topology("v5p")
+
+
+def test_topology_devices():
+  for name, n, kind in [("v5p:2x2x1", 4, "TPU v5"), ("v4:2x2x1", 4, "TPU v4"),
+                        ("v6e:2x2", 4, "TPU v6 lite"), ("v5e:1x1", 1, "TPU v5 lite"),
+                        ("v6e-16", 16, "TPU v6 lite")]:
+    devices = aot.topology_devices(name)
+    assert len(devices) == n and devices[0].device_kind == kind, name
+    assert aot.chip_for(devices[0]) is not None
+  assert aot.topology_devices("v5p:2x2x1") == aot.topology_devices("v5p-8")
+  assert len(jax.devices()) == 8 and jax.devices()[0].platform == "cpu"  # CPU backend untouched
+  with pytest.raises(ValueError, match="rejected"):
+    aot.topology_devices("v6e:3x3")
+  two = aot.topology_devices("v5p:2x2x1", num_slices=2)
+  assert len(two) == 8 and {d.slice_index for d in two} == {0, 1}
+  mesh = parallel.make_mesh(ici={"fsdp": -1}, dcn={"data": 2}, devices=two)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_jaxpr_matmul_flops():
+  mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+  def f(w, x):
+    h = jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+    per_shard = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P("x"), P()),
+                              out_specs=P("x"))
+    return per_shard(h, w[0])
+  w = jax.ShapeDtypeStruct((5, 16, 16), jnp.float32)
+  x = jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+  with jax.set_mesh(mesh):
+    jaxpr = jax.jit(f).trace(w, x).jaxpr
+  one = 2 * 8 * 16 * 16
+  assert aot.jaxpr_matmul_flops(jaxpr) == 6 * one
+  assert aot.jaxpr_matmul_flops(jaxpr, expand_loops=False) == 2 * one
+
+
+def test_tiny_mmdit_fits(tiny_reports):
+  r = tiny_reports[True]
+  assert r["num_devices"] == 4 and r["chip"] == "TPU v5p" and r["mesh"]["fsdp"] == 4
+  for key in ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes",
+              "total_bytes", "flops", "bytes_accessed", "step_seconds", "mfu"):
+    assert r[key] > 0, key
+  assert r["alias_bytes"] > 0  # the donated state is reused for the new state
+  assert r["fits"] is True
+  assert "does NOT" not in aot.format_report(r)
+
+
+def test_scan_loop_correction(tiny_reports):
+  scanned, unscanned = tiny_reports[True], tiny_reports[False]
+  # Depth 3 = a scan over 2 blocks + the pre-only block; XLA counts the scan's body once ...
+  assert scanned["xla_flops"] < 0.8 * unscanned["xla_flops"]
+  assert unscanned["loop_factor"] == 1.0 and scanned["loop_factor"] > 1.2
+  # ... the jaxpr count of the missing iterations restores it (matmuls exactly).
+  assert scanned["matmul_flops"] == pytest.approx(unscanned["matmul_flops"], rel=1e-6)
+  assert scanned["flops"] == pytest.approx(unscanned["flops"], rel=0.1)
+  # And the analytic model FLOPs agree with the matmuls XLA runs.
+  assert scanned["model_flops"] == pytest.approx(scanned["matmul_flops"], rel=0.1)
+
+
+def test_absurd_config_does_not_fit():
+  """A dense layer with 128 GiB of weights per v5p chip: compiled, never allocated."""
+  devices = aot.topology_devices(TOPOLOGY)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("fsdp",))
+  w_sharding, replicated = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())
+  step = jax.value_and_grad(lambda w, x: jnp.sum(jnp.tanh(x @ w).astype(jnp.float32)))
+
+  def args(rows):  # bfloat16: f32 matmuls at "highest" precision (conftest) compile slowly
+    return (jax.ShapeDtypeStruct((rows, 2**15), jnp.bfloat16, sharding=w_sharding),
+            jax.ShapeDtypeStruct((8, rows), jnp.bfloat16, sharding=replicated))
+
+  r = aot.compile_report(step, args(2**23), out_shardings=(replicated, w_sharding), mesh=mesh)
+  assert r["fits"] is False and "memory" in r["error"].lower()
+  assert r["chip"] == "TPU v5p" and r["num_devices"] == 4
+  assert "NOT fit" in aot.format_report(r)
+  # A quarter of it (32 GiB per chip) compiles; it is over the 90% budget of v5e's 16 GiB.
+  jitted = jax.jit(step, out_shardings=(replicated, w_sharding))
+  r = aot.compile_report(jitted, args(2**21), chip="v5e")
+  assert r["argument_bytes"] >= 32 * aot.GiB and r["fits"] is False
+  assert aot.compile_report(jitted, args(2**21))["fits"] is True  # v5p: 95 GiB
+
+
+def test_jitted_function_and_chip_table():
+  devices = aot.topology_devices("v6e:2x2")
+  mesh = parallel.make_mesh(ici={"data": -1}, devices=devices)
+  f = jax.jit(lambda a, b: a @ b, in_shardings=(parallel.batch_sharding(mesh, 2),
+                                                parallel.replicated(mesh)))
+  a = jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16)
+  b = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+  r = aot.compile_report(f, (a, b), model_flops=2 * 4096 * 1024 * 1024)
+  assert r["chip"] == "TPU v6e" and r["num_devices"] == 4
+  assert r["xla_flops"] == pytest.approx(2 * 1024 * 1024 * 1024)  # per device
+  assert r["flops"] == r["matmul_flops"] == r["xla_flops"]
+  assert r["argument_bytes"] == 2 * 1024 * 1024 * 2  # a's shard + b, bf16
+  assert 0 < r["mfu"] <= 1
+  assert aot.chip_for("NVIDIA H100 80GB HBM3").name.startswith("H100")
+  assert aot.chip_for("TPU v5 lite") is aot.CHIPS["v5e"]
+  assert aot.chip_for("TPU v7") is None
