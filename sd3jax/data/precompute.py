@@ -1,0 +1,719 @@
+"""The precompute stage: VAE posterior moments + per-encoder text embeddings -> records.
+
+    sd3jax precompute --config experiments/FILE.py --workdir OUT
+
+SD3 trains on latents and text embeddings computed once (Esser et al. 2024, Sec. 5.1):
+the frozen VAE encoder and the three frozen text encoders would otherwise cost more than
+the MM-DiT step itself. This stage runs them over an image-text dataset and writes a
+`precomputed` record set (sd3jax.data.records) that `pipeline.make_precomputed_pipeline`
+reads.
+
+What a record holds (one example; arrays in the storage dtype, bfloat16 or float32):
+  key, index (source index), height, width (the bucket, pixels), latent_height,
+  latent_width, original_size, caption_original, caption_synthetic (str),
+  vae_mean, vae_std          (h/f, w/f, C) posterior moments, NOT normalised
+  original  {clip_l (77, Dl), clip_l_pooled (Pl), clip_g (77, Dg), clip_g_pooled (Pg),
+             t5 (L, Dt) (absent without a T5)}           embeddings of caption_original
+  synthetic {... the same ...}  embeddings of caption_synthetic; absent when the example
+                                has none (the trainer then uses the original caption)
+Index columns (sidecar, no decoding needed): index, latent_height, latent_width.
+
+Moments, not latents: the trainer draws z = mean + std * eps afresh every time it sees an
+example (the pipeline does it, seeded by (seed, record index, epoch)), then normalises
+(z - shift_factor) * scaling_factor, as LDM / SD3 training with stored moments does. The
+std (not logvar) is stored: in bfloat16 it keeps 0.4% relative precision, where a rounded
+logvar would move the std by up to ~2%. Encoder outputs are stored per encoder and for both
+captions, so the trainer can drop encoders independently and mix captions with
+p(synthetic).
+
+Order and shards: examples are sorted by bucket (stable: source order within a bucket),
+and shard s holds positions [s E, (s + 1) E) of that order (E = examples_per_shard), so a
+shard spans at most a few buckets and every batch has one shape. The assignment depends
+only on (data, buckets, E): a rerun computes every shard from exactly the same inputs and
+writes identical records.
+
+Resume: a shard is published by an atomic rename when complete (records.ShardWriter), so
+a rerun skips every finished shard, deletes the temporary files of half-written ones and
+redoes those. `precompute_plan.json`, written before the first shard, records what
+produces the set; a rerun with a different producer is refused, never mixed.
+
+Hosts: shard s belongs to process s % process_count, which alone writes it. Each process
+runs the encoders on its own devices (frozen weights, no gradients: nothing to
+communicate), batch split over the ("data", "fsdp") axes of its local mesh; a mesh
+spanning processes is refused. When every process is done (a barrier), process 0 verifies
+every shard's count and index column against the plan and writes the manifest, whose
+"producer" (VAE config + weights hash, TextEncoders.cache_key(), storage dtype, buckets,
+sequence lengths, source) and "producer_key" the trainer checks before reading.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Any, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sd3jax import parallel
+from sd3jax.data import pipeline as pipeline_lib
+from sd3jax.data import records
+
+STAGE = "sd3jax.precompute"
+RECORD_VERSION = 1
+PLAN_FILE = "precompute_plan.json"
+STORAGE_DTYPES = ("bfloat16", "float32")
+COLUMNS = ("index", "latent_height", "latent_width")
+TEXT_KEYS = ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5")
+
+PrecomputeMismatchError = pipeline_lib.PrecomputeMismatchError
+
+
+@dataclasses.dataclass
+class PrecomputeResult:
+  """What one call did; `manifest` is set once the whole record set is published."""
+  out_dir: str
+  complete: bool
+  manifest: dict | None
+  producer_key: str
+  num_shards: int
+  shards_written: list[int]
+  shards_skipped: list[int]
+  examples_written: int
+  seconds: float
+  compiled_shapes: list[tuple[int, int]]
+
+  @property
+  def examples_per_sec(self) -> float:
+    return self.examples_written / max(self.seconds, 1e-9)
+
+
+# ----------------------------------------------------------------------------
+# Sources and identities.
+# ----------------------------------------------------------------------------
+def open_source(path: str, split: str = "train"):
+  """A records folder (image_text) or a built shapes TFDS dir -> random-access source."""
+  if os.path.exists(os.path.join(path, records.MANIFEST)):
+    return records.RecordSource(path, kind=records.KIND_IMAGE_TEXT)
+  from sd3jax.data import shapes_tfds
+  try:
+    return shapes_tfds.load_shapes(path, split)
+  except (FileNotFoundError, ValueError) as e:
+    raise FileNotFoundError(
+        f"{path!r} is neither an image_text record set (no {records.MANIFEST}) nor a built "
+        f"shapes dataset ({e}). Ingest the data (sd3jax.data.ingest) or build shapes "
+        "(shapes_tfds.build_shapes) first.") from e
+
+
+def source_identity(source) -> dict[str, Any]:
+  """What identifies the data without reading it (paths excluded: data may move)."""
+  ident: dict[str, Any] = {"type": type(source).__name__, "num_examples": len(source)}
+  if isinstance(source, records.RecordSource):
+    m = source.manifest
+    ident.update(created=m.get("created"), num_shards=m.get("num_shards"))
+  elif hasattr(source, "dataset_dir"):  # shapes: the config name encodes every field.
+    parts = os.path.normpath(source.dataset_dir).split(os.sep)
+    ident.update(dataset="/".join(parts[-3:]), split=getattr(source, "split", None))
+  return ident
+
+
+def params_fingerprint(params: Any) -> str:
+  """sha256 over a params tree (paths, dtypes, shapes, bytes); process-local arrays only."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      raise ValueError("params_fingerprint needs process-local params; pass the weights "
+                       "folder's fingerprint (conditioning.folder_fingerprint) instead.")
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.name}|{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()
+
+
+def producer_key(producer: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(producer, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _vae_factor(vae_model) -> int:
+  return int(vae_model.config.downsample_factor)
+
+
+def make_producer(source, vae_model, vae_params, text_encoders, *,
+                  buckets: Sequence[tuple[int, int]], storage_dtype: str,
+                  examples_per_shard: int, vae_fingerprint: str | None = None) -> dict[str, Any]:
+  """Everything that decides the records' bytes (and nothing that does not: batch, mesh)."""
+  cfg = vae_model.config
+  text_key = text_encoders.cache_key()
+  for name in ("clip_l", "clip_g", "t5"):  # In-memory encoders: hash their weights.
+    enc = text_encoders.encoders[name]
+    if enc is not None and not text_key[name].get("files"):
+      text_key[name]["params_sha256"] = params_fingerprint(enc.params)
+  f = _vae_factor(vae_model)
+  clip_l, clip_g = (text_encoders.encoders[n].model.config for n in ("clip_l", "clip_g"))
+  return {
+      "stage": STAGE, "record_version": RECORD_VERSION,
+      "source": source_identity(source),
+      "vae": {"config": cfg.to_diffusers(), "dtype": jnp.dtype(vae_model.dtype).name,
+              "weights": vae_fingerprint or params_fingerprint(vae_params)},
+      "text_encoders": text_key,
+      "storage_dtype": storage_dtype,
+      "moments": "mean_std",
+      "latent_normalization": {"shift": float(cfg.shift_factor or 0.0),
+                               "scale": float(cfg.scaling_factor)},
+      "resize": "bicubic_cover_center_crop",
+      "order": "bucket_major",
+      "examples_per_shard": int(examples_per_shard),
+      "shapes": {
+          "buckets": [[int(h), int(w)] for h, w in buckets],
+          "latent_buckets": [[int(h) // f, int(w) // f] for h, w in buckets],
+          "vae_factor": f, "latent_channels": int(cfg.latent_channels),
+          "clip_length": int(text_encoders.clip_length),
+          "clip_l_width": int(clip_l.hidden_size),
+          "clip_l_pooled_width": int(clip_l.projection_dim),
+          "clip_g_width": int(clip_g.hidden_size),
+          "clip_g_pooled_width": int(clip_g.projection_dim),
+          "t5_length": int(text_encoders.t5_length), "t5_width": int(text_encoders.t5_width),
+          "has_t5": text_encoders.encoders["t5"] is not None,
+      },
+  }
+
+
+# ----------------------------------------------------------------------------
+# The plan: order, shards, ownership.
+# ----------------------------------------------------------------------------
+def example_order(bucket_ids: np.ndarray) -> np.ndarray:
+  """Source indices in record order: bucket-major, source order within a bucket."""
+  return np.argsort(np.asarray(bucket_ids, np.int64), kind="stable")
+
+
+def shard_slice(shard: int, examples_per_shard: int, n: int) -> slice:
+  return slice(shard * examples_per_shard, min(n, (shard + 1) * examples_per_shard))
+
+
+def owned_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
+  """Shard s belongs to process s % process_count (disjoint, covering, balanced)."""
+  return list(range(process_index, num_shards, process_count))
+
+
+def _sidecar(path: str) -> str:
+  return path + ".json"
+
+
+def _shard_ok(path: str, indices: np.ndarray) -> bool:
+  """A published shard whose sidecar lists exactly the planned examples."""
+  if not (os.path.exists(path) and os.path.exists(_sidecar(path))):
+    return False
+  with open(_sidecar(path)) as f:
+    side = json.load(f)
+  return (side.get("num_examples") == len(indices)
+          and side.get("columns", {}).get("index") == [int(i) for i in indices])
+
+
+def _remove_stale(out_dir: str, shards: Sequence[int]) -> list[str]:
+  """Deletes temporary files of half-written shards of `shards` (others may be in flight)."""
+  mine = set(shards)
+  pattern = re.compile(r"^\.shard-(\d{5})\.array_record(\.json)?\.tmp-")
+  removed = []
+  for name in os.listdir(out_dir):
+    m = pattern.match(name)
+    if m and int(m.group(1)) in mine:
+      os.remove(os.path.join(out_dir, name))
+      removed.append(name)
+  return removed
+
+
+def _check_or_write_plan(out_dir: str, plan: dict[str, Any]) -> None:
+  """Refuses a folder started (or finished) by another producer; else records ours."""
+  for name in (records.MANIFEST, PLAN_FILE):
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      old = json.load(f)
+    if old.get("producer_key") != plan["producer_key"]:
+      diffs = pipeline_lib.producer_differences(plan["producer"], old.get("producer", {}))
+      raise PrecomputeMismatchError(
+          f"{out_dir} holds precomputed records of a different producer ({name}: "
+          f"{old.get('producer_key')} != {plan['producer_key']}); differences "
+          f"(ours vs theirs): {'; '.join(diffs[:8]) or 'layout'}. Use a new output folder, or "
+          "delete this one to recompute.")
+  path = os.path.join(out_dir, PLAN_FILE)
+  if not os.path.exists(path):  # Every process writes the same bytes: races are harmless.
+    records._atomic_write_text(path, json.dumps(plan, indent=2, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------
+# The compiled encoders.
+# ----------------------------------------------------------------------------
+def local_mesh(devices: Sequence[jax.Device] | None = None,
+               shape: Mapping[str, int] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over this process's devices (default: data = all)."""
+  devices = list(devices if devices is not None else jax.local_devices())
+  return parallel.make_mesh(dict(shape or {"data": -1}), None, devices)
+
+
+def _place(tree: Any, mesh: Mesh) -> Any:
+  """Params onto `mesh`: arrays already laid out on it stay; the rest is replicated."""
+  rep = NamedSharding(mesh, P())
+
+  def put(x):
+    if (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+        and x.sharding.mesh == mesh):
+      return x
+    return jax.device_put(x, rep)
+  return jax.tree.map(put, nn.unbox(tree))
+
+
+# Compiled programs of this process by (HLO, devices): reruns and resumes skip XLA.
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _compile(fn, args, mesh: Mesh, rules) -> Any:
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.get_rules(rules)):
+    lowered = fn.lower(*args)
+  key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(),
+         tuple(d.id for d in mesh.devices.flat))
+  if key not in _COMPILED:
+    while len(_COMPILED) >= 16:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = lowered.compile()
+  return _COMPILED[key]
+
+
+class BatchEncoder:
+  """VAE moments (one program per bucket shape) + all text encoders (one program), sharded.
+
+  Both captions go through the text encoders as one batch of 2B prompts. Outputs are cast
+  to the storage dtype on the device (half the transfer for bfloat16).
+  """
+
+  def __init__(self, vae_model, vae_params, text_encoders, mesh: Mesh, rules,
+               storage_dtype: str, batch: int):
+    self.mesh, self.rules, self.batch = mesh, rules, batch
+    self.dtype = jnp.dtype(storage_dtype)
+    self.te = text_encoders
+    self.vae_model = vae_model
+    self.vae_params = _place(vae_params, mesh)
+    names = [n for n in ("clip_l", "clip_g", "t5") if text_encoders.encoders[n] is not None]
+    self.text_params = {n: _place(text_encoders.encoders[n].params, mesh) for n in names}
+    skip = text_encoders.clip_skip
+    self.hidden_index = -2 if skip is None else -(skip + 2)  # as TextEncoders.encode
+    self._vae: dict[tuple[int, int], Any] = {}
+    self._text = None
+
+  def _batch_sharding(self, ndim: int) -> NamedSharding:
+    return parallel.batch_sharding(self.mesh, ndim)
+
+  def _abstract(self, tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+  def vae_fn(self, hw: tuple[int, int]):
+    if hw not in self._vae:
+      model, dtype = self.vae_model, self.dtype
+
+      def fn(params, images):
+        post = model.apply({"params": params}, images, method=type(model).encode)
+        return post.mean.astype(dtype), post.std.astype(dtype)
+      out = self._batch_sharding(4)
+      jitted = jax.jit(fn, out_shardings=(out, out))
+      images = jax.ShapeDtypeStruct((self.batch, *hw, 3), jnp.float32,
+                                    sharding=self._batch_sharding(4))
+      self._vae[hw] = _compile(jitted, (self._abstract(self.vae_params), images), self.mesh,
+                               self.rules)
+    return self._vae[hw]
+
+  def text_fn(self):
+    if self._text is None:
+      encs, index, dtype = self.te.encoders, self.hidden_index, self.dtype
+      use_mask = self.te.t5_attention_mask
+
+      def fn(params, ids):
+        out = {}
+        for name in ("clip_l", "clip_g"):
+          o = encs[name].model.apply({"params": params[name]}, ids[name])
+          out[name] = o.hidden_states[index].astype(dtype)
+          out[f"{name}_pooled"] = o.text_embeds.astype(dtype)
+        if "t5" in params:
+          mask = ids["t5_mask"] if use_mask else None
+          out["t5"] = encs["t5"].model.apply({"params": params["t5"]}, ids["t5"],
+                                             mask).astype(dtype)
+        return out
+      ids = {n: jax.ShapeDtypeStruct((2 * self.batch, self._length(n)), jnp.int32,
+                                     sharding=self._batch_sharding(2))
+             for n in ("clip_l", "clip_g", "t5", "t5_mask")}
+      jitted = jax.jit(fn, out_shardings=self._batch_sharding(2))  # prefix: every output
+      self._text = _compile(jitted, (self._abstract(self.text_params), ids), self.mesh,
+                            self.rules)
+    return self._text
+
+  def _length(self, name: str) -> int:
+    return self.te.t5_length if name.startswith("t5") else self.te.clip_length
+
+  def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+    """Host-side (loader thread): ids for every encoder, T5's mask too."""
+    from sd3jax.interop import transformers as tf_interop
+    out = {}
+    for name in ("clip_l", "clip_g", "t5"):
+      enc = self.te.encoders[name]
+      if enc is None:
+        out[name] = np.zeros((len(prompts), self._length(name)), np.int32)
+        out["t5_mask"] = out[name]
+        continue
+      ids, mask = tf_interop.tokenize(enc.tokenizer, prompts, self._length(name))
+      out[name] = ids
+      if name == "t5":
+        out["t5_mask"] = mask
+    return out
+
+  def __call__(self, images: np.ndarray, ids: Mapping[str, np.ndarray]) -> tuple:
+    """Dispatches both programs (asynchronously); returns device arrays."""
+    put = lambda x: jax.device_put(x, self._batch_sharding(x.ndim))
+    mean, std = self.vae_fn(tuple(images.shape[1:3]))(self.vae_params, put(images))
+    text = self.text_fn()(self.text_params, {k: put(v) for k, v in ids.items()})
+    return mean, std, text
+
+
+# ----------------------------------------------------------------------------
+# Loading (a thread, overlapped with the device).
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Chunk:
+  shard: int
+  indices: np.ndarray     # source indices, all of one bucket
+  bucket: int
+  last_of_shard: bool
+
+
+def _chunks(shard: int, indices: np.ndarray, bucket_ids: np.ndarray,
+            batch: int) -> list[_Chunk]:
+  """A shard's examples as same-bucket runs of at most `batch`."""
+  out = []
+  b = bucket_ids[indices]
+  starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+  for s, e in zip(starts, np.r_[starts[1:], len(indices)]):
+    for k in range(s, e, batch):
+      out.append(_Chunk(shard, indices[k:min(e, k + batch)], int(b[s]), False))
+  out[-1].last_of_shard = True
+  return out
+
+
+def _load(source, chunk: _Chunk, hw: tuple[int, int], batch: int, encoder: BatchEncoder):
+  idx = [int(i) for i in chunk.indices]
+  exs = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
+  images, meta = [], []
+  for i, ex in zip(idx, exs):
+    pixels, orig, _ = pipeline_lib.resize_and_crop(ex["image"], *hw, crop="center")
+    images.append(pipeline_lib.to_float(pixels))
+    meta.append({"key": str(ex.get("key", i)), "index": i, "original_size": list(orig),
+                 "caption_original": str(ex["caption_original"]),
+                 "caption_synthetic": str(ex.get("caption_synthetic") or "")})
+  pad = batch - len(idx)  # Padding repeats the last example; its outputs are discarded.
+  images = np.stack(images + [images[-1]] * pad)
+  caps = [m["caption_original"] for m in meta] + [meta[-1]["caption_original"]] * pad
+  caps += [m["caption_synthetic"] for m in meta] + [meta[-1]["caption_synthetic"]] * pad
+  return images, encoder.tokenize(caps), meta
+
+
+def _prefetch(items: Sequence[Any], fn, depth: int = 2) -> Iterator[tuple[Any, Any]]:
+  """(item, fn(item)) in order, with up to `depth` loads running ahead."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    futures = [pool.submit(fn, it) for it in items[:depth]]
+    for k, it in enumerate(items):
+      if k + depth < len(items):
+        futures.append(pool.submit(fn, items[k + depth]))
+      yield it, futures[k].result()
+      futures[k] = None
+
+
+# ----------------------------------------------------------------------------
+# The stage.
+# ----------------------------------------------------------------------------
+def _records(meta, mean, std, text, hw, f, has_t5) -> Iterator[dict[str, Any]]:
+  b = mean.shape[0]
+  for j, m in enumerate(meta):
+    rec = {"key": m["key"], "index": m["index"], "height": hw[0], "width": hw[1],
+           "latent_height": hw[0] // f, "latent_width": hw[1] // f,
+           "original_size": m["original_size"], "caption_original": m["caption_original"],
+           "caption_synthetic": m["caption_synthetic"],
+           "vae_mean": mean[j], "vae_std": std[j]}
+    keys = TEXT_KEYS if has_t5 else TEXT_KEYS[:4]
+    rec["original"] = {k: text[k][j] for k in keys}
+    if m["caption_synthetic"]:
+      rec["synthetic"] = {k: text[k][b + j] for k in keys}
+    yield rec
+
+
+def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, global_batch: int,
+               resolution: int | tuple[int, int] | None = None,
+               buckets: Sequence[tuple[int, int]] | None = None,
+               storage_dtype: str = "bfloat16", examples_per_shard: int = 1000,
+               mesh: Mesh | None = None, rules: Any = None, split: str = "train",
+               process_index: int | None = None, process_count: int | None = None,
+               vae_fingerprint: str | None = None, max_shards: int | None = None,
+               sizes: np.ndarray | None = None, progress: bool = True) -> PrecomputeResult:
+  """Writes (or completes) the precomputed record set of `source` in `out_dir`.
+
+  `source`: a random-access image-text source, or a path (records folder / shapes TFDS
+  dir, `split`). `vae` = (AutoencoderKL, params); `text_encoders` a TextEncoders. Give
+  `resolution` (one shape) or `buckets` (pixel (h, w), multiples of the VAE factor).
+  Each process runs batches of global_batch / process_count on `mesh` (its own devices;
+  default: one local device). `max_shards` stops after writing that many shards (a
+  partial run, as an interruption leaves it). `vae_fingerprint` replaces hashing the
+  VAE params (pass the weights folder's). Returns what was done; the manifest is written
+  by process 0 once every shard exists.
+  """
+  t_start = time.perf_counter()
+  if isinstance(source, (str, os.PathLike)):
+    source = open_source(os.fspath(source), split)
+  pi, pc = pipeline_lib._process_layout(process_index, process_count)
+  pipeline_lib._check_batch(global_batch, pc)
+  if storage_dtype not in STORAGE_DTYPES:
+    raise ValueError(f"storage_dtype={storage_dtype!r}; choose one of {STORAGE_DTYPES}.")
+  if examples_per_shard < 1:
+    raise ValueError(f"examples_per_shard={examples_per_shard} must be >= 1.")
+  vae_model, vae_params = vae
+  if vae_model.config.latents_mean is not None or vae_model.config.latents_std is not None:
+    raise NotImplementedError("VAE configs with per-channel latents_mean / latents_std are not "
+                              "supported (sd3jax normalises with shift_factor / scaling_factor).")
+  n = len(source)
+  if n == 0:
+    raise ValueError("The source has no examples.")
+  buckets, bucket_ids = pipeline_lib._bucket_setup(source, resolution, buckets, sizes)
+  f = _vae_factor(vae_model)
+  for h, w in buckets:
+    if h % f or w % f:
+      raise ValueError(f"Bucket {h}x{w} is not divisible by the VAE factor {f}; use sides that "
+                       f"are multiples of {f} (pipeline.make_buckets(multiple=16) does).")
+
+  mesh = mesh if mesh is not None else local_mesh(jax.local_devices()[:1])
+  if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+    raise ValueError("precompute runs each process on its own devices: pass a mesh of "
+                     "jax.local_devices() (precompute.local_mesh()), not a global one.")
+  batch = global_batch // pc
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch % shards:
+    raise ValueError(f"global_batch={global_batch} gives {batch} examples per process, not "
+                     f"divisible by the mesh's data x fsdp = {shards}: use a global batch that "
+                     f"is a multiple of {shards * pc}.")
+  rules = rules if rules is not None else getattr(text_encoders, "rules", "fsdp")
+
+  producer = make_producer(source, vae_model, vae_params, text_encoders, buckets=buckets,
+                           storage_dtype=storage_dtype, examples_per_shard=examples_per_shard,
+                           vae_fingerprint=vae_fingerprint)
+  key = producer_key(producer)
+  order = example_order(bucket_ids)
+  num_shards = math.ceil(n / examples_per_shard)
+  plan = {"producer": producer, "producer_key": key, "num_examples": n, "num_shards": num_shards}
+  os.makedirs(out_dir, exist_ok=True)
+  _check_or_write_plan(out_dir, plan)
+
+  def result(manifest, complete, written=(), skipped=(), count=0, compiled=()):
+    return PrecomputeResult(os.fspath(out_dir), complete, manifest, key, num_shards,
+                            list(written), list(skipped), count,
+                            time.perf_counter() - t_start, list(compiled))
+
+  if os.path.exists(os.path.join(out_dir, records.MANIFEST)):
+    return result(records.read_manifest(out_dir), True)
+
+  mine = owned_shards(num_shards, pi, pc)
+  stale = _remove_stale(out_dir, mine)
+  if stale:
+    logging.info("precompute: removed %d temporary files of interrupted shards.", len(stale))
+  planned = {s: order[shard_slice(s, examples_per_shard, n)] for s in mine}
+  done, todo = [], []
+  for s in mine:
+    path = records.shard_path(out_dir, s)
+    if _shard_ok(path, planned[s]):
+      done.append(s)
+      continue
+    if os.path.exists(path):  # Published but not what the plan says: redo it.
+      logging.warning("precompute: %s does not hold its planned examples; rewriting it.", path)
+      os.remove(path)
+    todo.append(s)
+  stopped_early = max_shards is not None and len(todo) > max_shards
+  todo = todo[:max_shards] if max_shards is not None else todo
+
+  encoder = BatchEncoder(vae_model, vae_params, text_encoders, mesh, rules, storage_dtype, batch)
+  has_t5 = text_encoders.encoders["t5"] is not None
+  chunks = [c for s in todo for c in _chunks(s, planned[s], bucket_ids, batch)]
+  load = lambda c: _load(source, c, buckets[c.bucket], batch, encoder)
+  from tqdm.auto import tqdm
+  bar = tqdm(total=sum(len(planned[s]) for s in todo), unit="ex", disable=not progress,
+             desc=f"precompute {out_dir}" + (f" [process {pi}/{pc}]" if pc > 1 else ""))
+  written, count = [], 0
+  writer: records.ShardWriter | None = None
+
+  def emit(chunk: _Chunk, meta: list[dict[str, Any]], outputs: tuple) -> None:
+    nonlocal writer, count
+    if writer is None:
+      writer = records.ShardWriter(records.shard_path(out_dir, chunk.shard), columns=COLUMNS)
+    mean, std, text = jax.device_get(outputs)
+    for rec in _records(meta, mean, std, text, buckets[chunk.bucket], f, has_t5):
+      writer.write(rec)
+    bar.update(len(meta))
+    count += len(meta)
+    if chunk.last_of_shard:
+      writer.close()
+      writer = None
+      written.append(chunk.shard)
+
+  pending = None  # Batch k is written while batch k + 1 runs on the devices.
+  try:
+    for chunk, (images, ids, meta) in _prefetch(chunks, load):
+      outputs = encoder(images, ids)
+      if pending is not None:
+        emit(*pending)
+      pending = (chunk, meta, outputs)
+    if pending is not None:
+      emit(*pending)
+  except BaseException:
+    if writer is not None:
+      writer.abort()
+    raise
+  finally:
+    bar.close()
+  compiled = sorted(encoder._vae)
+  if stopped_early:
+    return result(None, False, written, done, count, compiled)
+
+  multihost = pc > 1 and jax.process_count() > 1
+  if multihost:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("sd3jax precompute: shards written")
+  manifest = None
+  if pi == 0:
+    manifest = finalize(out_dir, plan, order, examples_per_shard,
+                        extra={"global_batch": global_batch, "process_count": pc,
+                               "mesh": dict(mesh.shape), "bucket_counts":
+                               np.bincount(bucket_ids, minlength=len(buckets)).tolist()})
+  if multihost:
+    multihost_utils.sync_global_devices("sd3jax precompute: manifest written")
+    manifest = records.read_manifest(out_dir)
+  return result(manifest, manifest is not None, written, done, count, compiled)
+
+
+def finalize(out_dir: str, plan: Mapping[str, Any], order: np.ndarray, examples_per_shard: int,
+             extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+  """Verifies every shard against the plan, then publishes the manifest (process 0).
+
+  Returns None (and logs which) when shards are still missing, e.g. other processes of a
+  simulated multi-process run have not written theirs yet.
+  """
+  n, num_shards = int(plan["num_examples"]), int(plan["num_shards"])
+  names = {os.path.basename(p) for p in records.completed_shards(out_dir)}
+  expected = [records.shard_name(s) for s in range(num_shards)]
+  unexpected = sorted(names - set(expected))
+  if unexpected:
+    raise ValueError(f"{out_dir} holds shards outside the plan ({unexpected[:4]}...): it was "
+                     "written by something else. Use a new output folder.")
+  missing = [s for s in range(num_shards) if records.shard_name(s) not in names]
+  if missing:
+    logging.warning("precompute: %d of %d shards missing (e.g. %s): the manifest waits for "
+                    "them.", len(missing), num_shards, missing[:8])
+    return None
+  for s in range(num_shards):
+    path = records.shard_path(out_dir, s)
+    want = order[shard_slice(s, examples_per_shard, n)]
+    if not _shard_ok(path, want):
+      raise ValueError(f"{path} does not hold its planned {len(want)} examples; delete it and "
+                       "rerun precompute to rewrite it.")
+  first = _first_record(records.shard_path(out_dir, 0))
+  features = records.feature_spec(first)
+  if "synthetic" not in features:
+    features["synthetic"] = features["original"]  # Absent on examples without one.
+  return records.write_manifest(
+      out_dir, kind=records.KIND_PRECOMPUTED, features=features, producer=plan["producer"],
+      expected_num_examples=n,
+      extra={"producer_key": plan["producer_key"], "precompute": dict(extra or {})})
+
+
+def _first_record(path: str) -> dict[str, Any]:
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return records.decode(reader.read([0])[0])
+  finally:
+    reader.close()
+
+
+def dir_size(path: str) -> int:
+  """Bytes of a record set's shard files (what storage_dtype changes)."""
+  return sum(os.path.getsize(p) for p in records.completed_shards(path))
+
+
+# ----------------------------------------------------------------------------
+# The command.
+# ----------------------------------------------------------------------------
+PRECOMPUTE_DEFAULTS = {
+    "source": "",             # image_text records folder, or a built shapes TFDS data dir
+    "split": "train",         # shapes split
+    "text_encoders": "",      # SD3 pipeline folder: text_encoder{,_2,_3}, tokenizer{,_2,_3}
+    "vae": "",                # diffusers AutoencoderKL folder (config.json + safetensors)
+    "use_t5": True,
+    "batch_size": 64,         # global, across processes
+    "storage_dtype": "bfloat16",
+    "examples_per_shard": 1000,
+    "aspect_ratios": (),      # () -> one square bucket of config.data.image_size
+    "text_dtype": "float32",
+    "vae_dtype": "float32",
+    "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # over this process's devices
+}
+
+
+def _settings(config) -> dict[str, Any]:
+  section = config.get("precompute", None)
+  section = {} if section is None else {
+      k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in section.items()}
+  settings = dict(PRECOMPUTE_DEFAULTS)
+  unknown = sorted(set(section) - set(settings))
+  if unknown:
+    raise ValueError(f"Unknown key config.precompute.{unknown[0]} (all unknown: {unknown}); "
+                     f"known: {sorted(settings)}.")
+  settings.update(section)
+  for key in ("source", "text_encoders", "vae"):
+    if not settings[key]:
+      raise ValueError(f"config.precompute.{key} is empty: set it (see "
+                       "sd3jax/data/precompute.py PRECOMPUTE_DEFAULTS).")
+  return settings
+
+
+def precompute_main(config, workdir: str) -> int:
+  """`sd3jax precompute`: records of config.precompute.source into `workdir`."""
+  from sd3jax import conditioning
+  from sd3jax.interop import diffusers_vae
+  s = _settings(config)
+  mesh = local_mesh(shape=s["mesh"])
+  rules = config.get("sharding_rules", "fsdp")
+  te = conditioning.TextEncoders.from_pipeline_folder(
+      s["text_encoders"], dtype=jnp.dtype(s["text_dtype"]),
+      t5_length=int(config.conditioning.t5_tokens), use_t5=bool(s["use_t5"]),
+      t5_width=int(config.conditioning.t5_dim), mesh=mesh, rules=rules)
+  vae = diffusers_vae.load_vae(s["vae"], dtype=jnp.dtype(s["vae_dtype"]))
+  size = int(config.data.image_size)
+  ratios = tuple(s["aspect_ratios"])
+  buckets = (pipeline_lib.make_buckets(size, ratios, multiple=16) if ratios else [(size, size)])
+  res = precompute(s["source"], workdir, vae, te, global_batch=int(s["batch_size"]),
+                   buckets=buckets, storage_dtype=s["storage_dtype"],
+                   examples_per_shard=int(s["examples_per_shard"]), mesh=mesh, rules=rules,
+                   split=s["split"],
+                   vae_fingerprint=conditioning.folder_fingerprint(s["vae"]))
+  logging.info("precompute: %d examples in %.1f s (%.1f examples/s); %d shards written, %d "
+               "already done; producer_key %s.", res.examples_written, res.seconds,
+               res.examples_per_sec, len(res.shards_written), len(res.shards_skipped),
+               res.producer_key)
+  if res.manifest is not None:
+    print(f"precomputed {res.manifest['num_examples']} examples into {workdir} "
+          f"(producer_key {res.producer_key}); train with --config.data.source=records "
+          f"--config.data.path={workdir}")
+  return 0
