@@ -9,37 +9,11 @@ import numpy as np
 import pytest
 
 from sd3jax.data import shapes as S
+from sd3jax.evals.shapes_checker import detect_objects
 
 
 def _bg_distance(img, background):
   return np.abs(img.astype(np.int32) - np.asarray(S.BACKGROUNDS[background])).sum(-1)
-
-
-def _check_object_pixels(img, background, obj):
-  """A tiny pixel checker: colour, shape (fill ratio), position (centroid cell)."""
-  h, w = img.shape[:2]
-  y0, x0, y1, x1 = obj["bbox"]
-  ys, xs = slice(max(0, int(y0) - 1), min(h, int(np.ceil(y1)) + 1)), \
-      slice(max(0, int(x0) - 1), min(w, int(np.ceil(x1)) + 1))
-  patch = img[ys, xs].astype(np.int32)
-  colors = np.asarray(list(S.COLORS.values()))
-  # Pixels nearer to some object colour than to the background.
-  d_obj = np.abs(patch[:, :, None, :] - colors[None, None]).sum(-1)
-  d_bg = np.abs(patch - np.asarray(S.BACKGROUNDS[background])).sum(-1)
-  mask = d_obj.min(-1) < d_bg
-  assert mask.any()
-  votes = np.bincount(d_obj.argmin(-1)[mask], minlength=len(colors))
-  color = list(S.COLORS)[int(votes.argmax())]
-  # Coverage of each pixel (the renderer box-filters, so edges blend linearly).
-  bg, c = np.asarray(S.BACKGROUNDS[background]), np.asarray(S.COLORS[color])
-  alpha = np.clip(((patch - bg) * (c - bg)).sum(-1) / ((c - bg) ** 2).sum(), 0, 1)
-  side = y1 - y0
-  fill = alpha.sum() / (side * side)
-  shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
-  yy, xx = np.nonzero(mask)
-  cy, cx = yy.mean() + ys.start, xx.mean() + xs.start
-  cell = int(min(2, cy // (h / 3))) * 3 + int(min(2, cx // (w / 3)))
-  return color, shape, S.POSITIONS[cell]
 
 
 def test_renderer_is_deterministic_and_sized():
@@ -91,12 +65,12 @@ def test_objects_disjoint_and_recoverable_by_pixels(hw):
       if o["shape"] != "triangle":
         cy, cx = (int(v) for v in o["center"])
         assert tuple(ex["image"][cy, cx]) == S.COLORS[o["color"]]
-    if h >= 64:  # The checker is reliable from 64 px up.
-      for o in objs:
-        assert _check_object_pixels(ex["image"], ex["background"], o) == (
-            o["color"], o["shape"], o["position"]), (i, o)
-        n_checked += 1
-  assert h < 64 or n_checked > 200
+    # The prompt-following checker recovers every object (from 32 px up).
+    found = detect_objects(ex["image"], ex["background"])
+    assert sorted((d["color"], d["shape"], d["position"]) for d in found) == sorted(
+        (o["color"], o["shape"], o["position"]) for o in objs), (i, found)
+    n_checked += len(objs)
+  assert n_checked > 200
 
 
 def test_captions_match_objects_and_vocabulary():
