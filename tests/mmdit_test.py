@@ -227,3 +227,12 @@ def test_flops_formula_counts_matmuls():
   embed = 2 * n * 16 * d + 2 * (256 * d + d * d) + 2 * (12 * d + d * d) + 2 * l * 24 * d
   final = 4 * d * d + 2 * n * d * 16
   assert f == blocks + embed + final
+
+
+def test_attention_implementations_agree():
+  cfg = _tiny_cfg()
+  params = _random_params(cfg)
+  batch = _inputs(np.random.default_rng(6), 2, 8, 8, 5)
+  ein = mmdit.MMDiT(cfg).apply({"params": params}, *batch)
+  xla = mmdit.MMDiT(cfg.replace(attention_impl="xla")).apply({"params": params}, *batch)
+  np.testing.assert_allclose(np.asarray(xla), np.asarray(ein), rtol=1e-5, atol=1e-6)
