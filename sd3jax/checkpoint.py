@@ -1,0 +1,263 @@
+"""Checkpoints: Orbax CheckpointManager around the train state, the data iterator and the config.
+
+One folder per step under <workdir>/checkpoints/, holding three items:
+  state   the train state (step, params, optimizer state, EMA params, rng, counters)
+  data    the data iterator's JSON state, so a resume continues with the next batch
+  config  the effective config of the run that wrote the step
+
+Saves are asynchronous (the step loop continues while files are written). Restores go
+straight into the target shardings, so a run may resume on a different mesh. A restore
+that fails raises; the only fallback is from an unreadable *latest* step to the one before
+it, with a warning, because a job killed mid-write is routine and a silent fresh start is
+not acceptable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+ITEMS = ("state", "data", "config")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be restored; the run must not start fresh."""
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  data_state: dict | None
+  config: dict | None
+
+
+# Replica-parallel saving splits every replicated array across its replicas and compiles a
+# slice per array: a win for large arrays, seconds of compiles for the many small ones.
+_MIN_REPLICA_PARALLEL_BYTES = 4 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """The default PyTree handler with a raised replica-parallel threshold for jax.Arrays."""
+  try:
+    from orbax.checkpoint._src.metadata import array_metadata_store
+    store = array_metadata_store.Store()
+  except ImportError:  # private module moved: save without per-array metadata
+    store = None
+  arrays = ocp.type_handlers.ArrayHandler(
+      array_metadata_store=store, min_slice_bytes_for_replica_parallel=_MIN_REPLICA_PARALLEL_BYTES)
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (int, ocp.type_handlers.ScalarHandler()), (float, ocp.type_handlers.ScalarHandler()),
+      (np.number, ocp.type_handlers.ScalarHandler()),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()), (jax.Array, arrays),
+      (str, ocp.type_handlers.StringHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+class Checkpointer:
+  """Saves and restores train state + data iterator state + config, one folder per step."""
+
+  def __init__(self, directory: str, *, keep_last: int = 3, keep_every: int = 0,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    keep = [policies.LatestN(max(int(keep_last), 1))]
+    if keep_every and keep_every > 0:
+      keep.append(policies.EveryNSteps(int(keep_every)))
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save,
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        create=not read_only, read_only=read_only)
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+
+  # -- saving ------------------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, data_state: dict | None, config: dict,
+           *, wait: bool = False) -> None:
+    """Starts writing `step`; returns once device buffers are copied (the state may be donated)."""
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state),
+        data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+        config=ocp.args.JsonSave(config))
+    self._mngr.save(int(step), args=args, force=True)
+    if wait:
+      self._mngr.wait_until_finished()
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  # -- restoring ---------------------------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    self._mngr.reload()
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def restore_step(self, step: int, abstract_state: Any) -> Restored:
+    """Restores `step` into the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    out = self._mngr.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
+        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    data = out["data"] or None
+    return Restored(int(step), out["state"], data, out["config"])
+
+  def restore_latest(self, abstract_state: Any) -> Restored | None:
+    """The latest readable step, or None when there is no checkpoint at all.
+
+    An unreadable latest step (cut short by a kill, truncated files) falls back to the
+    previous step with a warning. Anything else that fails raises CheckpointError.
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None
+    latest = steps[-1]
+    try:
+      return self.restore_step(latest, abstract_state)
+    except Exception as e:  # noqa: BLE001 -- any failure is reported or re-raised below
+      if len(steps) < 2:
+        raise CheckpointError(
+            f"Cannot restore checkpoint step {latest} in {self.directory} and there is no "
+            f"earlier step to fall back to: {e!r}. Refusing to start fresh; move the folder "
+            f"away to start over.") from e
+      previous = steps[-2]
+      logging.warning("Checkpoint step %d in %s is unreadable (%r); falling back to step %d.",
+                      latest, self.directory, e, previous)
+      try:
+        restored = self.restore_step(previous, abstract_state)
+      except Exception as e2:  # noqa: BLE001
+        raise CheckpointError(
+            f"Cannot restore checkpoint steps {latest} or {previous} in {self.directory} "
+            f"(latest: {e!r}; previous: {e2!r}). Two unreadable steps usually mean the config "
+            f"no longer matches the checkpoint (model shape, optimizer). Refusing to start "
+            f"fresh.") from e2
+      self._quarantine(latest)
+      return restored
+
+  def _quarantine(self, step: int) -> None:
+    """Moves an unreadable step aside so the next save of that step does not collide."""
+    if jax.process_index() == 0:
+      src = epath.Path(self.directory) / str(step)
+      dst = epath.Path(self.directory) / f"unreadable_{step}"
+      if src.is_dir() and not dst.exists():
+        src.rename(dst)
+        logging.warning("Moved the unreadable step folder to %s.", dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"sd3jax_quarantine_{step}")
+    self._mngr.reload()
+
+
+# ---------------------------------------------------------------------------
+# Weights only (config.init_from)
+# ---------------------------------------------------------------------------
+
+# Extra loaders for other formats (e.g. a diffusers folder), added by sd3jax.interop:
+#   fn(path, abstract_params, config) -> params, or None when `path` is not its format.
+WEIGHT_LOADERS: list[Callable[[str, Any, Any], Any]] = []
+
+
+def register_weight_loader(fn: Callable[[str, Any, Any], Any]) -> Callable[[str, Any, Any], Any]:
+  """Adds `fn` to the loaders `load_weights` tries first (usable as a decorator)."""
+  WEIGHT_LOADERS.append(fn)
+  return fn
+
+
+def _step_folder(path: str) -> str | None:
+  """Resolves a workdir, a checkpoints folder or a step folder to a step folder."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  root = os.path.join(path, "checkpoints")
+  root = root if os.path.isdir(root) else path
+  steps = [int(n) for n in os.listdir(root) if n.isdigit()] if os.path.isdir(root) else []
+  return os.path.join(root, str(max(steps))) if steps else None
+
+
+def load_weights(path: str, abstract_params: Any, config: Any = None, *,
+                 use_ema: bool = True) -> Any:
+  """Parameters only from an sd3jax checkpoint (EMA if asked and present) or a registered format.
+
+  `abstract_params` carries the target shardings; nothing else of the source run is used.
+  """
+  for loader in WEIGHT_LOADERS:
+    params = loader(path, abstract_params, config)
+    if params is not None:
+      return params
+  folder = _step_folder(path)
+  if folder is None:
+    raise CheckpointError(f"config.init_from={path!r} is neither an sd3jax checkpoint (workdir, "
+                          f"checkpoints folder or step folder) nor a format a registered loader "
+                          f"reads.")
+  keys = ("ema_params", "params") if use_ema else ("params",)
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  errors = []
+  for key in keys:
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+        abstract_params)
+    try:
+      out = ckptr.restore(os.path.join(folder, "state"), args=ocp.args.PyTreeRestore(
+          item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True))
+      logging.info("Initialised %s from %s (%s).", "weights", folder, key)
+      return out[key]
+    except Exception as e:  # noqa: BLE001 -- try the next key, then raise with all errors
+      errors.append(f"{key}: {e!r}")
+  raise CheckpointError(f"Cannot load weights from {folder}: " + "; ".join(errors))
+
+
+# ---------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------
+
+class StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the step loop polls; it then saves and exits cleanly.
+
+  A second SIGINT raises KeyboardInterrupt, for a user who really wants out now.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.signum: int | None = None
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be installed from the main thread
+    for s in signals:
+      self._previous[s] = signal.signal(s, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning("Received %s: saving a checkpoint at the end of this step, then exiting.",
+                    signal.Signals(signum).name)
+
+  def requested(self) -> bool:
+    """True on every process as soon as any process got a signal."""
+    flag = self.signum is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      flag = bool(multihost_utils.process_allgather(np.int32(flag)).any())
+    return flag
+
+  def restore(self) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    self._previous = {}

@@ -1,0 +1,347 @@
+"""Experiment configs: loading, the trainer's key schema, and `validate`.
+
+An experiment is a Python file with `get_config(arg=None) -> ConfigDict`. The keys the
+trainer reads are listed once, with defaults, in `defaults()`; `validate` checks a config
+against them and against the machine *before* anything is compiled, so a mistake costs
+seconds, not a queue slot on a pod. Every error names the key and the fix.
+
+Sections not in `defaults()` (for example `sample` or `eval`, owned by other commands)
+pass through unchecked until their command adds them here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+from typing import Any, Sequence
+
+from ml_collections import ConfigDict
+
+from sd3jax import parallel
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the key and the fix."""
+
+
+def defaults() -> ConfigDict:
+  """Every key the trainer reads, with SD3-like defaults (sizes of SD3-medium at 256^2)."""
+  c = ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256           # global, across all processes
+  c.microbatches = 1           # gradient accumulation: batch_size / microbatches per pass
+  c.init_from = ""             # weights only, into a fresh run: an sd3jax workdir or step folder
+  c.init_from_ema = True       # take the EMA weights from init_from when it has them
+  c.compilation_cache_dir = "" # persistent XLA cache: a restarted job skips compiling
+
+  from sd3jax.models import mmdit
+  c.model = ConfigDict(dataclasses.asdict(mmdit.MMDiTConfig()))
+  c.model.qk_norm = ""         # "" (none) or "rms_norm"
+  c.model.dtype = "bfloat16"   # compute dtype; params, optimizer and loss stay float32
+
+  c.data = ConfigDict(dict(
+      source="synthetic",      # "synthetic" (sd3jax.data.synthetic) or "records"
+      path="",                 # records folder for source="records"
+      image_size=256,          # pixels, square
+      vae_factor=8,            # VAE downsampling: latent side = image_size / vae_factor
+      synthetic_period=0,      # synthetic batches repeat after this many (0: never)
+      p_synthetic=0.5,         # records: probability of the synthetic caption
+      producer_key="",         # records: required producer key of the precomputed set
+      workers=0, threads=2, prefetch=4,  # records: grain worker processes / threads / buffer
+  ))
+  c.conditioning = ConfigDict(dict(
+      clip_l_dim=768, clip_g_dim=1280, t5_dim=4096,
+      clip_tokens=77, t5_tokens=77,
+      drop_prob=0.464,         # each encoder dropped (zeroed) independently in training
+  ))
+  c.flow = ConfigDict(dict(
+      formulation="rf",        # rf | eps_linear | v_cosine | edm
+      density="logit_normal",  # logit_normal | uniform | mode | cosmap
+      logit_mean=0.0, logit_std=1.0,  # logit_normal(m, s)
+      mode_scale=1.29,         # mode(s)
+      shift=1.0,               # resolution shift of t (3.0 at 1024^2)
+  ))
+  c.optimizer = ConfigDict(dict(
+      learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      grad_clip_norm=1.0,      # global-norm clipping; 0 disables
+      max_nonfinite_steps=20,  # stop after this many non-finite steps in a row
+  ))
+  c.schedule = ConfigDict(dict(
+      name="warmup_constant",  # warmup_constant | cosine | wsd (warmup-stable-decay)
+      warmup_steps=1000,
+      decay_steps=0,           # wsd: length of the final decay (0: 20% of the run)
+      final_fraction=0.0,      # cosine / wsd: final LR as a fraction of the peak
+  ))
+  c.ema = ConfigDict(dict(decay=0.9999, every_steps=1))
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))       # within a slice (ICI)
+  c.mesh_dcn = ConfigDict(dict(data=1, fsdp=1, tensor=1))    # across slices (DCN)
+  c.sharding_rules = "fsdp"    # dp | fsdp | fsdp_tp, or a list of (logical, mesh axes)
+  c.checkpoint = ConfigDict(dict(
+      every_steps=1000, keep_last=3,
+      keep_every=0,            # steps divisible by this are kept forever (0: none)
+      async_save=True,
+  ))
+  c.log = ConfigDict(dict(
+      every_steps=10, progress_bar=True, tensorboard=True,
+      peak_tflops_per_device=0.0,  # override the peak table for MFU (0: look up)
+  ))
+  c.eval = ConfigDict(dict(
+      every_steps=0,           # 0: no evaluation during training
+      batches=2,               # held-out batches for the built-in validation loss
+      fid_network="", clip_network="",  # sd3jax.evals feature networks ("" : skipped)
+  ))
+  return c
+
+
+# Sections whose keys are checked strictly against defaults(). Others pass through.
+def _checked_sections() -> set[str]:
+  return {k for k, v in defaults().items() if isinstance(v, ConfigDict)}
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+def load(path_and_arg: str, overrides: Sequence[str] = ()) -> ConfigDict:
+  """Loads `experiments/FILE.py[:ARG]` and applies `KEY=VALUE` overrides; returns it locked."""
+  path, _, arg = path_and_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("_sd3jax_experiment", path)
+  if spec is None or not os.path.exists(path):
+    raise ConfigError(f"--config: no experiment file at {path!r}.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  config.lock()
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ConfigError(f"Override {item!r} must look like KEY=VALUE.")
+    set_key(config, key.removeprefix("config."), value)
+  return config
+
+
+def set_key(config: ConfigDict, dotted: str, value: Any) -> None:
+  """Sets config.<dotted> = value (strings are parsed with the field's type)."""
+  check_key_exists(config, dotted)
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  current = node[leaf]
+  if isinstance(value, str) and not isinstance(current, str):
+    value = _parse_like(value, current)
+  node[leaf] = value  # an existing key: allowed on a locked config
+
+
+def _parse_like(text: str, like: Any) -> Any:
+  if isinstance(like, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"Expected a boolean, got {text!r}.")
+  if isinstance(like, (int, float)):
+    return type(like)(float(text)) if isinstance(like, float) else int(text)
+  return json.loads(text)
+
+
+def all_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted names of every leaf, e.g. ['seed', 'optimizer.eps', ...]."""
+  out = []
+  for k, v in config.items():
+    name = f"{prefix}{k}"
+    out += all_keys(v, name + ".") if isinstance(v, ConfigDict) else [name]
+  return out
+
+
+def unknown_key_message(config: ConfigDict, dotted: str) -> str:
+  """A message that names an unknown key, the closest known ones, and the fix."""
+  *parents, leaf = dotted.split(".")
+  node, where = config, "config"
+  for p in parents:
+    if not isinstance(node, ConfigDict) or p not in node:
+      break
+    node, where = node[p], f"{where}.{p}"
+  siblings = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+  close = difflib.get_close_matches(dotted, all_keys(config), n=3, cutoff=0.6)
+  msg = f"Unknown config key 'config.{dotted}'."
+  if close:
+    msg += " Did you mean " + " or ".join(f"'config.{c}'" for c in close) + "?"
+  if siblings:
+    msg += f" Keys under {where}: {', '.join(siblings)}."
+  msg += (" Fix the spelling, or add the key to the experiment's get_config() (and to "
+          "sd3jax/config.py:defaults() if the trainer should read it).")
+  return msg
+
+
+def check_key_exists(config: ConfigDict, dotted: str) -> None:
+  node = config
+  for p in dotted.split("."):
+    if not isinstance(node, ConfigDict) or p not in node:
+      raise ConfigError(unknown_key_message(config, dotted))
+    node = node[p]
+
+
+def to_json(config: ConfigDict) -> dict:
+  """A JSON-compatible dict of the config (tuples become lists)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+# ---------------------------------------------------------------------------
+# Validation (no compilation, no device memory)
+# ---------------------------------------------------------------------------
+
+def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
+  """Raises ConfigError naming the key and the fix for configs that cannot work.
+
+  Returns the config completed with defaults for keys it does not set.
+  """
+  import jax
+  config = complete(config)
+  num_devices = jax.device_count() if num_devices is None else num_devices
+
+  # Mesh: fits the devices (and one -1 at most).
+  dcn = dict(config.mesh_dcn)
+  slices = (math.prod(dcn.values()) if -1 not in dcn.values()
+            else len({getattr(d, "slice_index", 0) for d in jax.devices()}))
+  try:
+    if slices and slices > 1:
+      dcn_sizes = parallel.resolve_mesh_shape(dcn, slices, "mesh_dcn")
+      per_slice = num_devices // slices
+    else:
+      dcn_sizes, per_slice = (1, 1, 1), num_devices
+    sizes = parallel.resolve_mesh_shape(dict(config.mesh), per_slice, "mesh")
+  except ValueError as e:
+    fixed = math.prod(v for v in config.mesh.values() if v != -1)
+    if fixed > num_devices:
+      raise ConfigError(
+          f"config.mesh={dict(config.mesh)} needs {fixed} devices but only {num_devices} are "
+          f"available: shrink config.mesh (e.g. --config.mesh.data=-1 to use all of them).") from e
+    raise ConfigError(str(e)) from e
+  total = [a * b for a, b in zip(sizes, dcn_sizes)]
+  data, fsdp, tensor = total
+
+  # Batch: divisible by the data shards, per microbatch.
+  shards = data * fsdp
+  if config.microbatches < 1:
+    raise ConfigError(f"config.microbatches={config.microbatches} must be >= 1.")
+  if config.batch_size % (shards * config.microbatches):
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} is not divisible by the data shards x "
+        f"microbatches = (data {data} x fsdp {fsdp}) x {config.microbatches} = "
+        f"{shards * config.microbatches}: set config.batch_size to a multiple of "
+        f"{shards * config.microbatches} or change config.mesh / config.microbatches.")
+
+  # Model: known fields, heads divisible by tensor parallelism.
+  m = config.model
+  if m.hidden_size % m.num_heads:
+    raise ConfigError(f"config.model.hidden_size={m.hidden_size} is not divisible by "
+                      f"config.model.num_heads={m.num_heads}.")
+  if tensor > 1 and m.num_heads % tensor:
+    raise ConfigError(f"config.model.num_heads={m.num_heads} is not divisible by the tensor "
+                      f"axis {tensor}: change config.mesh.tensor.")
+
+  # Image size: divisible by patch x VAE factor.
+  factor = m.patch_size * config.data.vae_factor
+  if config.data.image_size % factor:
+    raise ConfigError(
+        f"config.data.image_size={config.data.image_size} is not divisible by "
+        f"config.model.patch_size x config.data.vae_factor = {m.patch_size} x "
+        f"{config.data.vae_factor} = {factor}: use a multiple of {factor} (e.g. "
+        f"{max(factor, round(config.data.image_size / factor) * factor)}).")
+  latent = config.data.image_size // config.data.vae_factor
+  if latent // m.patch_size > m.pos_embed_max_size:
+    raise ConfigError(f"config.data.image_size={config.data.image_size} gives a "
+                      f"{latent // m.patch_size}-patch side, larger than "
+                      f"config.model.pos_embed_max_size={m.pos_embed_max_size}.")
+
+  # Conditioning shapes agree with the model's input widths.
+  cond = config.conditioning
+  clip = cond.clip_l_dim + cond.clip_g_dim
+  if m.pooled_projection_dim != clip:
+    raise ConfigError(f"config.model.pooled_projection_dim={m.pooled_projection_dim} must equal "
+                      f"config.conditioning.clip_l_dim + clip_g_dim = {clip}.")
+  if m.joint_attention_dim != cond.t5_dim or clip > cond.t5_dim:
+    raise ConfigError(f"config.model.joint_attention_dim={m.joint_attention_dim} must equal "
+                      f"config.conditioning.t5_dim={cond.t5_dim}, which must be >= the CLIP "
+                      f"width clip_l_dim + clip_g_dim = {clip} (SD3 pads CLIP to the T5 width).")
+  if not 0.0 <= cond.drop_prob <= 1.0:
+    raise ConfigError(f"config.conditioning.drop_prob={cond.drop_prob} must be in [0, 1].")
+
+  # Schedules, checkpointing, logging.
+  names = ("warmup_constant", "cosine", "wsd")
+  if config.schedule.name not in names:
+    raise ConfigError(f"config.schedule.name={config.schedule.name!r}; choose one of {names}.")
+  for key in ("checkpoint.every_steps", "log.every_steps", "ema.every_steps"):
+    sec, leaf = key.split(".")
+    if config[sec][leaf] < 1:
+      raise ConfigError(f"config.{key}={config[sec][leaf]} must be >= 1.")
+  if isinstance(config.sharding_rules, str):
+    try:
+      parallel.get_rules(config.sharding_rules)
+    except ValueError as e:
+      raise ConfigError(f"config.sharding_rules: {e}") from e
+  return config
+
+
+def complete(config: ConfigDict) -> ConfigDict:
+  """Defaults overlaid with `config`, locked. Unknown keys in checked sections are errors."""
+  base = defaults()
+  checked = _checked_sections()
+  unknown = []
+  for key, value in config.items():
+    if key in checked and isinstance(value, ConfigDict):
+      unknown += [f"{key}.{k}" for k in all_keys(value) if not _has(base, f"{key}.{k}")]
+    elif key not in base and not isinstance(value, ConfigDict):
+      unknown.append(key)
+  if unknown:
+    more = f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+    raise ConfigError(unknown_key_message(base, unknown[0]) + more)
+  merged = _merge(base.to_dict(), config.to_dict())
+  out = ConfigDict(merged)
+  out.lock()
+  return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def _has(config: ConfigDict, dotted: str) -> bool:
+  node = config
+  for p in dotted.split("."):
+    if not isinstance(node, ConfigDict) or p not in node:
+      return False
+    node = node[p]
+  return True
+
+
+def model_config(config: ConfigDict):
+  """The MMDiTConfig the experiment describes."""
+  from sd3jax.models import mmdit
+  kw = dict(config.model)
+  kw["qk_norm"] = kw.get("qk_norm") or None
+  kw["dual_attention_layers"] = tuple(kw.get("dual_attention_layers", ()))
+  return mmdit.MMDiTConfig(**kw)
+
+
+def latent_size(config: ConfigDict) -> int:
+  return config.data.image_size // config.data.vae_factor
+
+
+def text_len(config: ConfigDict) -> int:
+  return config.conditioning.clip_tokens + config.conditioning.t5_tokens
+
+
+def mesh_sizes(config: ConfigDict) -> tuple[dict, dict | None]:
+  """(ici, dcn) arguments for parallel.make_mesh."""
+  dcn = dict(config.mesh_dcn)
+  return dict(config.mesh), (dcn if math.prod(abs(v) for v in dcn.values()) > 1 else None)
+

@@ -1,0 +1,162 @@
+"""Training metrics: metrics.jsonl, TensorBoard and a progress bar, written by process 0.
+
+Throughput comes from the analytic FLOPs of the model (`mmdit.flops_per_forward`), never
+from XLA's cost analysis, which counts the body of a scanned layer stack only once. A
+train step is counted as 3x the forward FLOPs (forward + backward), so MFU here is model
+FLOPs utilisation: rematerialised recomputation does not count as useful work.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+# Dense bf16 peak TFLOP/s per device (one chip; for GPUs one SXM card).
+PEAK_BF16_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,   # v5e
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,        # v5p reports "TPU v5"
+    "TPU v6 lite": 918.0,   # v6e (Trillium)
+    "TPU v6e": 918.0,
+    "A100": 312.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H200": 989.0,
+}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The table's entry for a `jax.Device.device_kind`, longest matching name first."""
+  kind = device_kind.replace("NVIDIA ", "")
+  for name in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+    if name.startswith("TPU"):
+      if kind == name or kind.startswith(name + " ") or kind == name.replace(" ", ""):
+        return PEAK_BF16_TFLOPS[name]
+    elif name in kind:
+      return PEAK_BF16_TFLOPS[name]
+  return None
+
+
+class Throughput:
+  """Steps/s, examples/s, TFLOP/s per device and MFU between two calls of `update`."""
+
+  def __init__(self, flops_per_step: float, examples_per_step: int, num_devices: int,
+               peak_tflops_per_device: float | None):
+    self.flops_per_step = float(flops_per_step)
+    self.examples_per_step = int(examples_per_step)
+    self.num_devices = int(num_devices)
+    self.peak = peak_tflops_per_device
+    self._t, self._step = None, None
+
+  def start(self, step: int) -> None:
+    self._t, self._step = time.perf_counter(), step
+
+  def update(self, step: int) -> dict[str, float]:
+    """Rates over the steps finished since the last call (empty on the first call)."""
+    now = time.perf_counter()
+    if self._t is None or step <= self._step:
+      self.start(step)
+      return {}
+    sps = (step - self._step) / max(now - self._t, 1e-9)
+    self._t, self._step = now, step
+    tflops = self.flops_per_step * sps / self.num_devices / 1e12
+    out = {"steps_per_sec": sps, "examples_per_sec": sps * self.examples_per_step,
+           "tflops_per_sec_per_device": tflops}
+    if self.peak:
+      out["mfu"] = tflops / self.peak
+    return out
+
+
+def _summary_writer_cls():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch when it is installed, only to accept torch tensors (we pass
+  numpy); that costs seconds at every start, so the import is blocked while it loads.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
+def _scalar(v: Any) -> Any:
+  if isinstance(v, (np.ndarray, np.generic)) and np.ndim(v) == 0:
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN / inf
+  return v
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl; mirrors to TensorBoard and tqdm.
+
+  Only process 0 writes; on other processes every method is a no-op.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+               tensorboard: bool = True, progress_bar: bool = True):
+    self.active = jax.process_index() == 0
+    self._tb = self._bar = self._file = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if tensorboard:
+      self._tb = _summary_writer_cls()(os.path.join(workdir, "tensorboard"))
+    if progress_bar:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    self._last_step = start_step
+
+  def write(self, step: int, metrics: Mapping[str, Any],
+            histograms: Mapping[str, np.ndarray] | None = None) -> None:
+    """Logs scalars (and optional histograms) for `step`."""
+    if not self.active:
+      return
+    record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, step)
+      for k, v in (histograms or {}).items():
+        self._tb.add_histogram(k, np.asarray(v), step)
+    if self._bar is not None:
+      self._bar.update(max(step - self._last_step, 0))
+      shown = {k: record[k] for k in ("loss", "grad_norm", "steps_per_sec") if k in record}
+      self._bar.set_postfix(
+          {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()})
+    self._last_step = step
+
+  def write_text(self, name: str, text: str) -> None:
+    if self.active and self._tb is not None:
+      self._tb.add_text(name, text, 0)
+
+  def close(self) -> None:
+    if not self.active:
+      return
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+    self._file.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """All records of a metrics.jsonl file (for tests, scaling curves and reports)."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

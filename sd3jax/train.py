@@ -1,0 +1,481 @@
+"""The MM-DiT trainer: one readable loop, sharded, jit-compiled, resumable to the bit.
+
+    sd3jax train --config experiments/tiny.py --workdir /tmp/tiny
+
+Sections, in the order a step needs them: setup (config, mesh, model), data, state, step,
+checkpoint, eval hook, loop. Everything that decides the numbers (timestep density,
+formulation, text-encoder dropout, loss) lives in sd3jax.flow / sd3jax.conditioning;
+this file only wires them together and keeps the run honest:
+
+- the state is created in its shards (no full copy of the weights on one device);
+- one compiled step with donated state does forward, backward over microbatches
+  (lax.scan), clipping, AdamW and EMA; a step with non-finite gradients changes nothing
+  but its counters, and N of them in a row stop the run with a clear error;
+- the step's metrics are read from the device only after the next step is dispatched;
+- checkpoints hold the state *and* the data iterator position, so 3 + 3 steps equal 6.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from sd3jax import checkpoint as ckpt_lib
+from sd3jax import conditioning
+from sd3jax import config as config_lib
+from sd3jax import metrics as metrics_lib
+from sd3jax import optim
+from sd3jax import parallel
+from sd3jax.data import synthetic
+from sd3jax.models import mmdit
+
+# A run stopped by SIGTERM / SIGINT after saving exits with this code (EX_TEMPFAIL:
+# "try again"); rerunning the same command resumes. Finished runs exit 0.
+EXIT_INTERRUPTED = 75
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array              # completed steps
+  params: Any                  # float32
+  opt_state: Any               # float32 AdamW moments + injected learning rate
+  ema_params: Any
+  rng: jax.Array               # base key; step s uses fold_in(rng, s)
+  nonfinite_total: jax.Array   # steps skipped for non-finite gradients, ever
+  nonfinite_streak: jax.Array  # ... in a row, up to now
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  step: int
+  metrics: dict                # the last logged record
+  history: list[dict]          # every logged record of this invocation
+  interrupted: bool = False    # stopped by a signal (a checkpoint of `step` was written)
+
+
+# =============================================================================================
+# Setup: mesh, model, optimizer
+# =============================================================================================
+
+def make_mesh(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  ici, dcn = config_lib.mesh_sizes(config)
+  return parallel.make_mesh(ici, dcn, devices)
+
+
+def input_shapes(config: ConfigDict, batch: int) -> dict[str, tuple[int, ...]]:
+  """Shapes of the model inputs (x, t, context, pooled) for `batch` examples."""
+  latent, m = config_lib.latent_size(config), config.model
+  return {"x": (batch, latent, latent, m.in_channels), "t": (batch,),
+          "context": (batch, config_lib.text_len(config), m.joint_attention_dim),
+          "pooled": (batch, m.pooled_projection_dim)}
+
+
+def flops_per_step(config: ConfigDict) -> float:
+  """Analytic training FLOPs of one step: 3 x forward, whole global batch."""
+  latent = config_lib.latent_size(config)
+  fwd = mmdit.flops_per_forward(config_lib.model_config(config), latent, latent,
+                                config_lib.text_len(config))
+  return 3.0 * fwd * config.batch_size
+
+
+# =============================================================================================
+# Data
+# =============================================================================================
+
+def make_data(config: ConfigDict) -> Iterator[dict[str, np.ndarray]]:
+  """This process's iterator of local batches; it has get_state() / set_state()."""
+  if config.data.source == "synthetic":
+    return synthetic.make_iterator(config, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  if config.data.source == "records":
+    from sd3jax.data import pipeline  # the grain pipeline over precomputed records
+    return pipeline.make_train_iterator(config)
+  raise config_lib.ConfigError(f"config.data.source={config.data.source!r}; use 'synthetic' or "
+                               "'records'.")
+
+
+def batch_axes(rules) -> Any:
+  """Mesh axes of the batch dimension: whatever the rules map `act_batch` to."""
+  return dict(parallel.get_rules(rules)).get("act_batch", parallel.BATCH_AXES)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                axes: Any = parallel.BATCH_AXES) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global arrays, leading axis split over `axes`."""
+  def put(v):
+    sharding = NamedSharding(mesh, P(axes, *([None] * (np.ndim(v) - 1))))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(v))
+  return {k: put(v) for k, v in batch.items()}
+
+
+def text_conditioning(rng: jax.Array, batch: Mapping[str, jax.Array], drop_prob: float,
+                      t5_width: int) -> tuple[jax.Array, jax.Array]:
+  """Per-encoder embeddings -> each encoder dropped (zeros) independently -> (context, pooled)."""
+  embeddings = {k: batch[k].astype(jnp.float32) for k in conditioning.EMBEDDING_KEYS if k in batch}
+  if drop_prob > 0:
+    embeddings = conditioning.drop_encoders(rng, embeddings, drop_prob)
+  return conditioning.assemble(embeddings["clip_l"], embeddings["clip_g"], embeddings.get("t5"),
+                               embeddings["clip_l_pooled"], embeddings["clip_g_pooled"],
+                               t5_length=0, t5_width=t5_width)
+
+
+# =============================================================================================
+# State
+# =============================================================================================
+
+def make_init_fn(config: ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+                 batch_shards: int) -> Callable[[jax.Array], TrainState]:
+  """rng -> TrainState with logically boxed leaves (for eval_shape / create_sharded)."""
+  shapes = input_shapes(config, batch_shards)
+
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = [jnp.zeros(shapes[k]) for k in ("x", "t", "context", "pooled")]
+    params = model.init(init_rng, *dummy)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params), rng=state_rng,
+                      nonfinite_total=jnp.zeros((), jnp.int32),
+                      nonfinite_streak=jnp.zeros((), jnp.int32))
+  return init
+
+
+def abstract_state(init_fn: Callable, mesh: Mesh, rules, rng: jax.Array) -> tuple[Any, Any]:
+  """(ShapeDtypeStructs carrying the target shardings, shardings) of the train state."""
+  boxed = jax.eval_shape(init_fn, rng)
+  shardings = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+# =============================================================================================
+# Step
+# =============================================================================================
+
+def make_loss_and_grads(config: ConfigDict, model: nn.Module, mesh: Mesh):
+  """(params, batch, rng) -> (loss, grads, t): one global batch, split into microbatches."""
+  from sd3jax import flow
+  fcfg = config.flow
+  formulation = flow.get_formulation(fcfg.formulation)
+  density_kw = {"logit_normal": {"m": fcfg.logit_mean, "s": fcfg.logit_std},
+                "mode": {"s": fcfg.mode_scale}}.get(fcfg.density, {})
+  density = flow.get_density(fcfg.density, **density_kw)
+  k = int(config.microbatches)
+  axes = batch_axes(config.sharding_rules)
+  t5_width, drop = config.model.joint_attention_dim, float(config.conditioning.drop_prob)
+
+  def loss_fn(params, mb):
+    pred = model.apply({"params": params}, mb["z_t"], mb["t"], mb["context"], mb["pooled"])
+    return flow.loss(pred.astype(jnp.float32), mb["target"], mb["weight"])
+
+  def split(x):  # (B, ...) -> (k, B / k, ...); microbatch j holds examples j, j + k, ...
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    spec = P(None, axes, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  def loss_and_grads(params, batch, rng):
+    flow_rng, drop_rng = jax.random.split(rng)
+    x0 = batch["latents"].astype(jnp.float32)
+    z_t, t, target, weight = flow.training_inputs(flow_rng, x0, formulation, density,
+                                                  shift=fcfg.shift)
+    context, pooled = text_conditioning(drop_rng, batch, drop, t5_width)
+    weight = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), t.shape)
+    inputs = {"z_t": z_t, "t": t, "context": context, "pooled": pooled, "target": target,
+              "weight": weight}
+    grad_fn = jax.value_and_grad(loss_fn)
+    if k == 1:
+      loss, grads = grad_fn(params, inputs)
+      return loss, grads, t
+
+    def body(carry, mb):
+      loss, grads = grad_fn(params, mb)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, inputs))
+    return loss / k, jax.tree.map(lambda g: g / k, grads), t
+  return loss_and_grads
+
+
+def make_train_step(config: ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+                    schedule: optim.Schedule, mesh: Mesh):
+  """(state, batch) -> (state, metrics). Jit it with the state donated."""
+  loss_and_grads = make_loss_and_grads(config, model, mesh)
+  ema_decay, ema_every = float(config.ema.decay), int(config.ema.every_steps)
+
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss, grads, t = loss_and_grads(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    lr = schedule(state.step)
+    opt_state = optim.with_learning_rate(state.opt_state, lr)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optim.ema_update(state.ema_params, params, state.step + 1, ema_decay, ema_every)
+
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    new_state = TrainState(
+        step=state.step + 1, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
+        rng=state.rng, nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        nonfinite_streak=streak.astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
+               "param_norm": optax.tree.norm(new_state.params), "finite": finite,
+               "nonfinite_total": new_state.nonfinite_total, "nonfinite_streak": streak, "t": t}
+    return new_state, metrics
+  return train_step
+
+
+# Compiled steps of this process by (program, devices): a second train() of the same setup in
+# one process (a resume, `sd3jax run`, tests) skips XLA. Across processes, see
+# config.compilation_cache_dir.
+_COMPILED: dict[tuple, Any] = {}
+
+
+def compile_step(step_fn, state: TrainState, batch: Mapping[str, jax.Array], mesh: Mesh):
+  """Ahead-of-time compiles `step_fn` for these arguments (or reuses an identical program)."""
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state, batch)
+  key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(),
+         tuple(d.id for d in mesh.devices.flat))
+  if key in _COMPILED:
+    _COMPILED[key] = _COMPILED.pop(key)  # most recently used last
+  else:
+    while len(_COMPILED) >= 4:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = lowered.compile()
+    logging.info("Compiled the train step in %.1f s.", time.perf_counter() - t0)
+  return _COMPILED[key]
+
+
+# =============================================================================================
+# Checkpoint
+# =============================================================================================
+
+def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Callable,
+                    abstract: TrainState, shardings: Any, mesh: Mesh, rules,
+                    data: Iterator) -> TrainState:
+  """The workdir's latest checkpoint (and data position); else a fresh state in its shards,
+  with config.init_from's weights if set. A checkpoint that cannot be read raises."""
+  restored = ckpt.restore_latest(abstract)
+  if restored is not None:
+    if restored.data_state is not None and hasattr(data, "set_state"):
+      data.set_state(restored.data_state)
+    logging.info("Resumed from step %d in %s.", restored.step, ckpt.directory)
+    return restored.state
+  state, _ = parallel.create_sharded(init_fn, mesh, rules, jax.random.PRNGKey(config.seed),
+                                     shardings=shardings)
+  if config.init_from:
+    params = ckpt_lib.load_weights(config.init_from, abstract.params, config,
+                                   use_ema=config.init_from_ema)
+    state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+  return state
+
+
+# =============================================================================================
+# Eval hook
+# =============================================================================================
+
+EvalFn = Callable[[int, TrainState], Mapping[str, float]]
+
+
+def make_validation_loss(config: ConfigDict, model: nn.Module, mesh: Mesh) -> EvalFn:
+  """Loss of the EMA weights on held-out batches with fixed noise, t and no encoder dropout."""
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.conditioning.drop_prob = 0.0
+    cfg.microbatches = 1
+  loss_and_grads = make_loss_and_grads(cfg, model, mesh)
+
+  @jax.jit
+  def loss_fn(params, batch, rng):  # the unused gradients are dead code to XLA
+    return loss_and_grads(params, batch, rng)[0]
+
+  held_out = cfg.copy_and_resolve_references()
+  with held_out.unlocked():
+    held_out.seed = config.seed + 1  # other batches, noise and timesteps than training
+  if config.data.source == "records":
+    logging.warning("Validation loss on records drawn with seed + 1 from config.data.path: "
+                    "a fixed-noise loss, not a held-out split.")
+  data = make_data(held_out)
+  batches = [next(data) for _ in range(int(config.eval.batches))]
+
+  def evaluate(step: int, state: TrainState) -> dict[str, float]:
+    losses = []
+    rules = parallel.get_rules(config.sharding_rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      for i, b in enumerate(batches):
+        batch = shard_batch(b, mesh, batch_axes(rules))
+        losses.append(loss_fn(state.ema_params, batch, jax.random.PRNGKey(i)))
+    return {"val_loss": float(np.mean(jax.device_get(losses)))}
+  return evaluate
+
+
+def run_evals(step: int, state: TrainState, eval_fns: Sequence[EvalFn], workdir: str,
+              writer: metrics_lib.MetricsWriter) -> dict[str, float]:
+  results: dict[str, float] = {}
+  for fn in eval_fns:
+    results.update(fn(step, state))
+  if results and jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
+      json.dump({"step": step, **results}, f, indent=1)
+    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+  return results
+
+
+# =============================================================================================
+# The loop
+# =============================================================================================
+
+def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
+          devices: Sequence[jax.Device] | None = None,
+          eval_fns: Sequence[EvalFn] = ()) -> TrainResult:
+  """Trains (or resumes) the run in `workdir` up to config.total_steps.
+
+  `data` replaces the configured source (an iterator with get_state / set_state);
+  `devices` restricts the mesh to a subset (tests); `eval_fns` run every
+  config.eval.every_steps next to the built-in validation loss.
+  """
+  # -- setup --------------------------------------------------------------------------------
+  devices = list(devices) if devices is not None else jax.devices()
+  config = config_lib.validate(config, num_devices=len(devices))
+  config_json = config_lib.to_json(config)
+  logging.info("Effective config:\n%s", config)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_json, f, indent=1, sort_keys=True)
+  if config.compilation_cache_dir:  # effective only before this process's first compile
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+  mesh = make_mesh(config, devices)
+  rules = parallel.get_rules(config.sharding_rules)
+  model = mmdit.MMDiT(config_lib.model_config(config))
+  tx = optim.make_optimizer(config.optimizer)
+  schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate,
+                                 config.total_steps)
+
+  # -- data ---------------------------------------------------------------------------------
+  data = make_data(config) if data is None else data
+
+  # -- state: resume > init_from > fresh ----------------------------------------------------
+  init_fn = make_init_fn(config, model, tx, mesh.shape["data"] * mesh.shape["fsdp"])
+  abstract, shardings = abstract_state(init_fn, mesh, rules, jax.random.PRNGKey(config.seed))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep_last=config.checkpoint.keep_last,
+                               keep_every=config.checkpoint.keep_every,
+                               async_save=config.checkpoint.async_save)
+  try:
+    state = restore_or_init(config, ckpt, init_fn, abstract, shardings, mesh, rules, data)
+  except BaseException:
+    ckpt.close()
+    raise
+  step = int(jax.device_get(state.step))
+  logging.info("Mesh %s; %d parameters; starting at step %d.", dict(mesh.shape),
+               sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)), step)
+
+  # -- step: compiled once, ahead of time -----------------------------------------------------
+  writer = metrics_lib.MetricsWriter(workdir, total_steps=config.total_steps, start_step=step,
+                                     tensorboard=config.log.tensorboard,
+                                     progress_bar=config.log.progress_bar)
+  eval_fns = list(eval_fns)
+  if config.eval.every_steps > 0:
+    eval_fns.insert(0, make_validation_loss(config, model, mesh))
+  stop = ckpt_lib.StopRequest()
+  history: list[dict] = []
+  interrupted = False
+  peak = config.log.peak_tflops_per_device or metrics_lib.peak_tflops(devices[0].device_kind)
+  speed = metrics_lib.Throughput(flops_per_step(config), config.batch_size, len(devices), peak)
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      step_fn = jax.jit(make_train_step(config, model, tx, schedule, mesh),
+                        in_shardings=(shardings, None), out_shardings=(shardings, None),
+                        donate_argnums=0)
+      compiled = {}   # batch shapes -> executable (one per aspect-ratio bucket)
+      pending = None  # (step, metrics on device) of the last dispatched step
+      last_log: dict[str, list] = {}
+
+      def handle(done_step: int, device_metrics: dict) -> None:
+        """Reads a finished step's metrics (the next one already runs) and acts on them."""
+        m = jax.device_get(device_metrics)
+        if not m["finite"]:
+          logging.warning("Step %d: non-finite loss/gradients (loss=%s, grad_norm=%s); update "
+                          "skipped (%d in a row).", done_step, m["loss"], m["grad_norm"],
+                          m["nonfinite_streak"])
+          if m["nonfinite_streak"] >= config.optimizer.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{int(m['nonfinite_streak'])} consecutive steps up to step {done_step} had a "
+                f"non-finite loss or gradient; their updates were skipped. Check the data, lower "
+                f"config.optimizer.learning_rate, or raise config.optimizer.max_nonfinite_steps "
+                f"(now {config.optimizer.max_nonfinite_steps}).")
+        if m["finite"]:  # skipped steps are counted in nonfinite_total, not averaged in
+          for key in ("loss", "grad_norm"):
+            last_log.setdefault(key, []).append(float(m[key]))
+        if (done_step % config.log.every_steps and done_step != config.total_steps
+            and not interrupted):
+          return
+        record = {k: float(np.mean(last_log[k])) if last_log.get(k) else float("nan")
+                  for k in ("loss", "grad_norm")}
+        last_log.clear()
+        record.update(learning_rate=float(m["learning_rate"]), param_norm=float(m["param_norm"]),
+                      nonfinite_total=int(m["nonfinite_total"]), **speed.update(done_step))
+        writer.write(done_step, record, histograms={"timesteps": m["t"]})
+        history.append({"step": done_step, **record})
+
+      speed.start(step)
+      while step < config.total_steps:
+        batch = shard_batch(next(data), mesh, batch_axes(rules))
+        data_state = data.get_state() if hasattr(data, "get_state") else None
+        shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if shapes not in compiled:
+          compiled[shapes] = compile_step(step_fn, state, batch, mesh)
+          speed.start(step)
+        state, metrics = compiled[shapes](state, batch)
+        step += 1
+        if pending is not None:
+          handle(*pending)
+        pending = (step, metrics)
+
+        # -- eval hook ---------------------------------------------------------------------
+        if eval_fns and config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
+          handle(*pending)
+          pending = None
+          run_evals(step, state, eval_fns, workdir, writer)
+          speed.start(step)
+
+        # -- checkpoint --------------------------------------------------------------------
+        interrupted = stop.requested()
+        if interrupted or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+          ckpt.save(step, state, data_state, config_json)
+        if interrupted:
+          logging.warning("Stopped at step %d after a signal; checkpoint saved. Rerun to resume.",
+                          step)
+          break
+      if pending is not None:
+        handle(*pending)
+  finally:
+    stop.restore()
+    ckpt.close()
+    writer.close()
+  return TrainResult(state=state, step=step, metrics=history[-1] if history else {},
+                     history=history, interrupted=interrupted)

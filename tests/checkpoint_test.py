@@ -1,0 +1,179 @@
+"""Checkpoints: restore on another mesh, fallback from a truncated step, SIGTERM, init_from."""
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sd3jax import checkpoint as ckpt_lib
+from sd3jax import config as config_lib
+from sd3jax import metrics as metrics_lib
+from sd3jax import optim, parallel, train
+from sd3jax.models import mmdit
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+EXPERIMENT = os.path.join(ROOT, "experiments", "tiny.py")
+
+
+def tiny(**overrides):
+  config = config_lib.load(EXPERIMENT)
+  with config.unlocked():
+    config.total_steps = 6
+    config.checkpoint.every_steps = 3
+    for key, value in overrides.items():
+      config_lib.set_key(config, key.replace("__", "."), value)
+  return config
+
+
+def target(config, mesh_shape, rules):
+  """Abstract train state (with shardings) for `config` on a mesh of all 8 devices."""
+  with config.unlocked():
+    config.mesh.update(mesh_shape)
+    config.sharding_rules = rules
+  config = config_lib.validate(config)
+  mesh = train.make_mesh(config)
+  model = mmdit.MMDiT(config_lib.model_config(config))
+  init_fn = train.make_init_fn(config, model, optim.make_optimizer(config.optimizer),
+                               mesh.shape["data"] * mesh.shape["fsdp"])
+  return train.abstract_state(init_fn, mesh, parallel.get_rules(rules), jax.random.PRNGKey(0))[0]
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """6 steps on (data 8), checkpoints at steps 3 and 6."""
+  workdir = str(tmp_path_factory.mktemp("data8"))
+  return workdir, train.train(tiny(), workdir)
+
+
+def test_restore_on_a_different_mesh(run):
+  workdir, result = run
+  abstract = target(tiny(), dict(data=1, fsdp=4, tensor=2), "fsdp_tp")
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  restored = ckpt.restore_latest(abstract)
+  assert restored.step == 6 and restored.data_state["next_index"] == 6
+  assert_same(restored.state, result.state)
+  kernel = restored.state.params["blocks_0"]["img_mlp"]["fc1"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert dict(kernel.sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert result.state.params["blocks_0"]["img_mlp"]["fc1"]["kernel"].sharding.is_fully_replicated
+
+
+def truncate_latest(checkpoints: str) -> int:
+  """Cuts every array file of the latest step to 3 bytes; returns that step."""
+  step = max(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+  files = [f for f in glob.glob(os.path.join(checkpoints, str(step), "state", "**", "d", "*"),
+                                recursive=True) if os.path.isfile(f)]
+  assert files
+  for f in files:
+    with open(f, "r+b") as handle:
+      handle.truncate(3)
+  return step
+
+
+def test_truncated_latest_step_falls_back_to_the_previous_one(run, tmp_path, caplog):
+  source, straight = run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  assert truncate_latest(os.path.join(workdir, "checkpoints")) == 6
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          straight.state)
+  with caplog.at_level("WARNING"):
+    restored = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(abstract)
+  assert restored.step == 3 and restored.data_state["next_index"] == 3
+  assert any("step 6" in r.getMessage() and "falling back to step 3" in r.getMessage()
+             for r in caplog.records)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "unreadable_6"))
+  # Resuming from step 3 retraces steps 4-6 exactly.
+  result = train.train(tiny(), workdir)
+  assert [r["step"] for r in result.history] == [4, 5, 6]
+  assert_same(result.state.params, straight.state.params)
+
+
+def test_unreadable_only_checkpoint_is_an_error_not_a_fresh_start(run, tmp_path):
+  source, _ = run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  truncate_latest(os.path.join(workdir, "checkpoints"))
+  with pytest.raises(ckpt_lib.CheckpointError, match="Refusing to start fresh"):
+    train.train(tiny(), workdir)
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "0"))
+
+
+def test_init_from_loads_weights_only(run, tmp_path):
+  source, straight = run
+  result = train.train(tiny(total_steps=0, init_from=source), str(tmp_path))
+  assert result.step == 0
+  assert_same(result.state.params, straight.state.ema_params)
+  assert_same(result.state.ema_params, straight.state.ema_params)
+  mu = result.state.opt_state.inner_state[1][0].mu
+  assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(mu))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          straight.state.params)
+  raw = ckpt_lib.load_weights(os.path.join(source, "checkpoints", "3"), abstract, use_ema=False)
+  assert_same(raw, train.train(tiny(total_steps=3), str(tmp_path / "three")).state.params)
+  with pytest.raises(ckpt_lib.CheckpointError, match="neither an sd3jax checkpoint"):
+    ckpt_lib.load_weights(str(tmp_path / "nothing_here"), abstract)
+
+
+def test_keep_last_n_and_every_mth(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep_last=2, keep_every=4, async_save=True)
+  state = {"w": jax.numpy.arange(4.0)}
+  for step in range(1, 11):
+    ckpt.save(step, state, {"next_index": step}, {"step": step})
+  ckpt.close()
+  assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [4, 8, 9, 10]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _sd3jax(*args):
+  exe = shutil.which("sd3jax")
+  return ([exe] if exe else [sys.executable, "-m", "sd3jax.cli"]) + list(args)
+
+
+def test_sigterm_saves_the_current_step_and_a_rerun_resumes(tmp_path):
+  workdir, cache = str(tmp_path / "run"), str(tmp_path / "xla_cache")
+  flags = ["--config", EXPERIMENT, "--workdir", workdir, "--config.checkpoint.every_steps=100000",
+           f"--config.compilation_cache_dir={cache}"]
+  log = open(tmp_path / "first.log", "w")
+  proc = subprocess.Popen(_sd3jax("train", *flags, "--config.total_steps=100000"),
+                          stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while not (os.path.exists(metrics) and metrics_lib.read_jsonl(metrics)):
+    assert proc.poll() is None, open(tmp_path / "first.log").read()
+    assert time.time() < deadline, "no step was logged"
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == train.EXIT_INTERRUPTED, open(tmp_path / "first.log").read()
+  output = open(tmp_path / "first.log").read()
+  assert "Received SIGTERM" in output
+  last = metrics_lib.read_jsonl(metrics)[-1]["step"]
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  stopped = ckpt.latest_step()
+  assert stopped == last and 0 < stopped < 100000  # the step it was at, not a periodic one
+
+  rerun = subprocess.run(_sd3jax("train", *flags, f"--config.total_steps={stopped + 2}"),
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"Resumed from step {stopped}" in rerun.stderr
+  steps = [r["step"] for r in metrics_lib.read_jsonl(metrics)]
+  assert steps[-2:] == [stopped + 1, stopped + 2]
+  assert ckpt.latest_step() == stopped + 2
