@@ -35,16 +35,18 @@ class Command:
   fn: CommandFn
   help: str
   needs_workdir: bool = True
+  needs_config: bool = True  # False: the command can work without --config (e.g. --pipeline)
 
 
 COMMANDS: dict[str, Command] = {}
 
 
 def command(name: str, help: str, *,
-            needs_workdir: bool = True) -> Callable[[CommandFn], CommandFn]:
+            needs_workdir: bool = True,
+            needs_config: bool = True) -> Callable[[CommandFn], CommandFn]:
   """Registers `fn(config, workdir, args) -> exit code` as `sd3jax NAME`."""
   def register(fn: CommandFn) -> CommandFn:
-    COMMANDS[name] = Command(fn, help, needs_workdir)
+    COMMANDS[name] = Command(fn, help, needs_workdir, needs_config)
     return fn
   return register
 
@@ -62,6 +64,44 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
       lock_config=True, sys_argv=list(argv))
   flags.DEFINE_string("workdir", None, "Run folder: config.json, metrics.jsonl, checkpoints/, ...",
                       flag_values=flag_values)
+  # Multi-process runs (sd3jax.distributed); TPU pods and SLURM need none of these.
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process; "
+                      "env SD3JAX_COORDINATOR).", flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "Processes in the job (env SD3JAX_NUM_PROCESSES).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 (env "
+                       "SD3JAX_PROCESS_ID).", flag_values=flag_values)
+  # sample / evaluate / export (sd3jax.sample, sd3jax.evals.run).
+  flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeatable).", flag_values=flag_values)
+  flags.DEFINE_string("prompts", None, "sample: a file of prompts, one a line.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("negative", None, "sample: the negative prompt.", flag_values=flag_values)
+  flags.DEFINE_integer("steps", 28, "sample: denoising steps.", flag_values=flag_values)
+  flags.DEFINE_float("cfg", 5.0, "sample: guidance scale (> 1 guides).", flag_values=flag_values)
+  flags.DEFINE_float("shift", 3.0, "sample: sampling shift of t.", flag_values=flag_values)
+  flags.DEFINE_enum("sampler", "euler", ["euler", "heun", "dpmpp_2m"], "sample: ODE sampler.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "sample: noise seed (image i: fold_in(seed, i)).",
+                       flag_values=flag_values)
+  flags.DEFINE_bool("no_t5", False, "sample: T5 replaced by zeros.", flag_values=flag_values)
+  flags.DEFINE_bool("ema", True, "sample / evaluate / export: EMA weights (--noema: raw).",
+                    flag_values=flag_values)
+  flags.DEFINE_string("out", None, "sample: image folder (default WORKDIR/samples); export: "
+                      "the diffusers folder.", flag_values=flag_values)
+  flags.DEFINE_string("pipeline", None, "sample: a diffusers SD3 pipeline folder instead of a "
+                      "run.", flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "sample / evaluate / export: this checkpoint step "
+                       "(default: the latest).", flag_values=flag_values)
+  flags.DEFINE_bool("all_steps", False, "evaluate: every checkpoint.", flag_values=flag_values)
+  # bench / compile / scaling (sd3jax.bench, sd3jax.compile, sd3jax.scaling).
+  flags.DEFINE_bool("vs-diffusers", False, "bench: also time diffusers + torch AdamW, same run.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("topology", None, "compile: TPU slice, e.g. v5p:4x4x4 or v6e-16.",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("eval-checkpoints", False, "scaling: evaluate every saved checkpoint.",
+                    flag_values=flag_values)
+  flags.DEFINE_float("target-flops", None, "scaling: extrapolate the fit to this compute.",
+                     flag_values=flag_values)
 
 
 def usage() -> str:
@@ -71,10 +111,16 @@ def usage() -> str:
   return "\n".join(lines)
 
 
+# Dashed spellings of flags (absl names use underscores): --no-t5, --all-steps.
+_DASHED = {"--no-t5": "--no_t5", "--all-steps": "--all_steps"}
+
+
 def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
           ) -> tuple[str, ConfigDict, str | None, list[str]]:
   """argv -> (command, config, workdir, extra positional args); raises UsageError."""
   fv = flags.FLAGS if flag_values is None else flag_values
+  argv = [_DASHED.get(a.partition("=")[0], a.partition("=")[0]) + a.partition("=")[1]
+          + a.partition("=")[2] for a in argv]
   define_flags(fv, argv)
   try:
     rest = fv(list(argv))
@@ -85,7 +131,7 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
     raise UsageError(given + usage())
   name = rest[1]
   config = fv["config"].value
-  if config is None:
+  if config is None and COMMANDS[name].needs_config:
     raise UsageError(f"sd3jax {name}: --config experiments/FILE.py is required.\n" + usage())
   if COMMANDS[name].needs_workdir and not fv["workdir"].value:
     raise UsageError(f"sd3jax {name}: --workdir DIR is required.")
@@ -126,6 +172,77 @@ def _train(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   return 0
 
 
+@command("sample", "Text -> PNGs + grid from --workdir's weights or a --pipeline DIR.",
+         needs_workdir=False, needs_config=False)
+def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax import sample
+  fv = flags.FLAGS
+  if not fv.pipeline and not workdir:
+    raise config_lib.ConfigError("sd3jax sample needs --workdir RUN or --pipeline DIR.")
+  paths = sample.sample_main(
+      config, workdir, sample.read_prompts(fv.prompt, fv.prompts), negative=fv.negative,
+      steps=fv.steps, cfg=fv.cfg, shift=fv.shift, sampler=fv.sampler, seed=fv.seed,
+      no_t5=fv.no_t5, use_ema=fv.ema, out=fv.out, pipeline=fv.pipeline, step=fv.step)
+  print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+  return 0
+
+
+@command("evaluate", "Validation loss (+ prompt following) of checkpoints into eval/*.json.",
+         needs_config=False)
+def _evaluate(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax.evals import run
+  fv = flags.FLAGS
+  run.evaluate_main(config, workdir, step=fv.step, all_steps=fv.all_steps, use_ema=fv.ema)
+  return 0
+
+
+@command("export", "Write --workdir's weights as a diffusers SD3 pipeline folder --out.",
+         needs_config=False)
+def _export(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax import sample
+  fv = flags.FLAGS
+  if not fv.out:
+    raise config_lib.ConfigError("sd3jax export needs --out DIR.")
+  print(sample.export_main(config, workdir, fv.out, use_ema=fv.ema, step=fv.step))
+  return 0
+
+
+@command("bench", "Steady-state train-step speed [--steps N] [--vs-diffusers].",
+         needs_workdir=False)
+def _bench(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax import bench
+  fv = flags.FLAGS
+  steps = fv["steps"].value if fv["steps"].present else 10  # --steps is shared with sample
+  bench.bench_main(config, steps=steps, vs_diffusers=fv["vs-diffusers"].value)
+  return 0
+
+
+@command("compile", "AOT-compile the train step for --topology: memory, fit, FLOPs, time.",
+         needs_workdir=False)
+def _compile(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax import compile as compile_lib
+  if not flags.FLAGS.topology:
+    raise config_lib.ConfigError("sd3jax compile needs --topology, e.g. v5p:4x4x4.")
+  report = compile_lib.compile_main(config, flags.FLAGS.topology)
+  return 0 if report.get("fits", True) else 1
+
+
+@command("scaling", "Scaling curves of RUN_DIR... into --out [--eval-checkpoints] "
+         "[--target-flops X].", needs_workdir=False, needs_config=False)
+def _scaling(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax import scaling
+  fv = flags.FLAGS
+  if not args or not fv.out:
+    raise config_lib.ConfigError("usage: sd3jax scaling RUN_DIR... --out DIR.")
+  try:
+    scaling.scaling_main(list(args), fv.out, eval_checkpoints=fv["eval-checkpoints"].value,
+                         target_flops=fv["target-flops"].value)
+  except scaling.ScalingError as e:
+    print(f"sd3jax scaling: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 # ---------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------
@@ -148,6 +265,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   def run(_):
     name, config, workdir, rest = parsed["value"]
+    from sd3jax import distributed  # before any JAX backend use
+    fv = flags.FLAGS
+    try:
+      distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+    except ValueError as e:
+      print(f"sd3jax {name}: {e}", file=sys.stderr)
+      return 2
     try:
       return COMMANDS[name].fn(config, workdir, rest)
     except config_lib.ConfigError as e:

@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 def defaults() -> ConfigDict:
   """Every key the trainer reads, with SD3-like defaults (sizes of SD3-medium at 256^2)."""
   c = ConfigDict()
+  c.task = "mmdit"             # mmdit | vae (the KL autoencoder; sd3jax.tasks)
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 256           # global, across all processes
@@ -52,6 +53,17 @@ def defaults() -> ConfigDict:
       p_synthetic=0.5,         # records: probability of the synthetic caption
       producer_key="",         # records: required producer key of the precomputed set
       workers=0, threads=2, prefetch=4,  # records: grain worker processes / threads / buffer
+      # task="vae": source "shapes" (a TFDS build at path, rendered if missing) or "records"
+      shapes_num_train=10_000, shapes_num_val=1_000, shapes_seed=0,
+  ))
+  # task="vae": the f8 KL autoencoder (models.vae.vae_config) and its losses (vae_losses).
+  c.vae = ConfigDict(dict(
+      latent_channels=16, width=32, layers_per_block=1, dtype="float32", remat=False,
+      rec_loss="l1", kl_weight=1e-6, sample_posterior=True,
+      perceptual_weight=0.0, perceptual_path="",  # LPIPS / VGG16 safetensors (local)
+      disc_start=50_001, disc_weight=0.5, disc_factor=1.0, disc_loss="hinge",
+      disc_ndf=64, disc_layers=3, disc_lr_ratio=1.0, disc_b1=0.5, disc_b2=0.9,
+      eval_examples=64,        # held-out images for PSNR / SSIM (records: the last ones)
   ))
   c.conditioning = ConfigDict(dict(
       clip_l_dim=768, clip_g_dim=1280, t5_dim=4096,
@@ -91,8 +103,15 @@ def defaults() -> ConfigDict:
   ))
   c.eval = ConfigDict(dict(
       every_steps=0,           # 0: no evaluation during training
-      batches=2,               # held-out batches for the built-in validation loss
+      batches=2,               # held-out examples = batches x batch_size (num_examples=0)
       fid_network="", clip_network="",  # sd3jax.evals feature networks ("" : skipped)
+      path="",                 # held-out precomputed records ("" : synthetic, seed + 1)
+      num_examples=0,          # held-out examples for the validation loss (0: see batches)
+      num_timesteps=8,         # fixed t = (j + 1/2) / num_timesteps
+      per_device_batch=2,      # fixed per device, so the loss is the same on any dp mesh
+      seed=0,                  # fixed noise per example: rng(seed, example index)
+      prompts_per_category=4,  # shapes prompt-following (needs precompute.vae + text_encoders)
+      sample_steps=28, sample_cfg=5.0, sample_shift=3.0,  # sampling for prompt following
   ))
   return c
 
@@ -271,6 +290,17 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
                       f"width clip_l_dim + clip_g_dim = {clip} (SD3 pads CLIP to the T5 width).")
   if not 0.0 <= cond.drop_prob <= 1.0:
     raise ConfigError(f"config.conditioning.drop_prob={cond.drop_prob} must be in [0, 1].")
+
+  if config.task not in ("mmdit", "vae"):
+    raise ConfigError(f"config.task={config.task!r}; choose 'mmdit' or 'vae'.")
+  if config.task == "vae":
+    f = 2 ** 3  # models.vae.vae_config: 4 levels
+    if config.data.image_size % f:
+      raise ConfigError(f"config.data.image_size={config.data.image_size} is not divisible by "
+                        f"the VAE's downsampling factor {f}.")
+    if config.data.source not in ("shapes", "records"):
+      raise ConfigError(f"config.data.source={config.data.source!r} with config.task='vae'; "
+                        "use 'shapes' or 'records' (ingested images).")
 
   # Schedules, checkpointing, logging.
   names = ("warmup_constant", "cosine", "wsd")

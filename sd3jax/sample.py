@@ -330,5 +330,134 @@ def save_images(images: np.ndarray, out_dir: str, prompts: Sequence[str] | None 
   return paths
 
 
-__all__ = ["Pipeline", "SAMPLERS", "generate", "initial_noise", "latent_shape", "make_grid",
-           "save_images", "to_uint8"]
+# ------------------------------------------------------------------------------------------------
+# From a training run: `sd3jax sample` and `sd3jax export`.
+# ------------------------------------------------------------------------------------------------
+def run_config(config: Any, workdir: str | None) -> Any:
+  """`config`, else the workdir's config.json (what the run trained with), completed."""
+  from ml_collections import ConfigDict
+  from sd3jax import config as config_lib
+  if config is None:
+    path = os.path.join(workdir or "", "config.json")
+    if not workdir or not os.path.exists(path):
+      raise ValueError(f"No --config and no {path}: pass --config experiments/FILE.py or a "
+                       "--workdir that a run wrote.")
+    import json
+    with open(path) as f:
+      config = ConfigDict(json.load(f))
+  return config_lib.complete(config)
+
+
+def _precompute_setting(config: Any, key: str, default: Any = "") -> Any:
+  section = config.get("precompute", None)
+  return section.get(key, default) if section is not None else default
+
+
+def run_components_configured(config: Any) -> bool:
+  """Whether the run names a VAE and text encoders (config.precompute.vae / .text_encoders)."""
+  return bool(_precompute_setting(config, "vae")) and bool(
+      _precompute_setting(config, "text_encoders"))
+
+
+def load_run_params(config: Any, workdir: str, mesh: Mesh, *, step: int | None = None,
+                    use_ema: bool = True) -> tuple[mmdit.MMDiT, Any]:
+  """(model, params) of a run's checkpoint (latest or `step`), restored into their shards."""
+  from sd3jax import checkpoint as ckpt_lib
+  from sd3jax import config as config_lib
+  cfg = config_lib.model_config(config)
+  boxed = jax.eval_shape(lambda r: mmdit.init_params(cfg, r), jax.random.key(0))
+  shardings = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh,
+                                           config.sharding_rules)
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          nn.unbox(boxed), shardings)
+  path = workdir if step is None else os.path.join(workdir, "checkpoints", str(int(step)))
+  if step is not None and not os.path.isdir(path):
+    raise FileNotFoundError(f"{workdir} has no checkpoint of step {step} ({path}).")
+  return mmdit.MMDiT(cfg), ckpt_lib.load_weights(path, abstract, config, use_ema=use_ema)
+
+
+def pipeline_from_run(config: Any, workdir: str, *, step: int | None = None,
+                      use_ema: bool = True, shift: float | None = None, use_t5: bool = True,
+                      mesh: Mesh | None = None) -> Pipeline:
+  """A Pipeline of a run's weights + the VAE and text encoders its precompute used.
+
+  Those are config.precompute.vae (a diffusers AutoencoderKL folder) and
+  config.precompute.text_encoders (a folder in the SD3 pipeline layout): the model was
+  trained on their latents and embeddings, so they are the ones it samples with.
+  """
+  from sd3jax import config as config_lib
+  from sd3jax.interop.diffusers_vae import load_vae
+  if not run_components_configured(config):
+    raise ValueError("Sampling a run needs config.precompute.vae and "
+                     "config.precompute.text_encoders (the folders its latents and embeddings "
+                     "came from); set them, or sample an exported folder with --pipeline DIR.")
+  if mesh is None:
+    mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
+  model, params = load_run_params(config, workdir, mesh, step=step, use_ema=use_ema)
+  vae, vparams = load_vae(_precompute_setting(config, "vae"))
+  vparams = jax.device_put(vparams, NamedSharding(mesh, P()))
+  if vae.config.latent_channels != model.cfg.in_channels:
+    raise ValueError(f"config.precompute.vae has {vae.config.latent_channels} latent channels "
+                     f"but config.model.in_channels={model.cfg.in_channels}.")
+  folder = _precompute_setting(config, "text_encoders")
+  encoders = TextEncoders.from_pipeline_folder(
+      folder, t5_length=int(config.conditioning.t5_tokens),
+      use_t5=use_t5 and bool(_precompute_setting(config, "use_t5", True)),
+      t5_width=int(config.conditioning.t5_dim), mesh=mesh, rules=config.sharding_rules)
+  shift = float(config.flow.shift if shift is None else shift)
+  return Pipeline(transformer=model, transformer_params=params, vae=vae, vae_params=vparams,
+                  text_encoders=encoders, shift=shift, formulation=config.flow.formulation,
+                  text_encoder_folder=os.path.abspath(folder), mesh=mesh,
+                  rules=config.sharding_rules)
+
+
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
+  """--prompt values plus the non-empty lines of --prompts FILE."""
+  out = list(prompts or [])
+  if prompts_file:
+    with open(prompts_file) as f:
+      out += [line.strip() for line in f if line.strip()]
+  if not out:
+    raise ValueError("No prompts: pass --prompt TEXT (repeatable) or --prompts FILE.")
+  return out
+
+
+def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
+                negative: str | None = None, steps: int = 28, cfg: float = 5.0,
+                shift: float | None = 3.0, sampler: str = "euler", seed: int = 0,
+                no_t5: bool = False, use_ema: bool = True, out: str | None = None,
+                pipeline: str | None = None, step: int | None = None) -> list[str]:
+  """`sd3jax sample`: PNGs + grid of a run (EMA or raw weights) or of a pipeline folder."""
+  if pipeline:
+    from sd3jax.interop.pipeline import load_pipeline
+    pipe = load_pipeline(pipeline, use_t5=not no_t5)
+    height = width = None
+  else:
+    config = run_config(config, workdir)
+    pipe = pipeline_from_run(config, workdir, step=step, use_ema=use_ema, shift=shift,
+                             use_t5=not no_t5)
+    height = width = int(config.data.image_size)
+  out = out or os.path.join(workdir or ".", "samples")
+  images = generate(pipe, list(prompts), negative_prompt=negative, height=height, width=width,
+                    steps=steps, guidance_scale=cfg, shift=shift, sampler=sampler, seed=seed,
+                    use_t5=not no_t5)
+  return save_images(images, out, list(prompts))
+
+
+def export_main(config: Any, workdir: str, out: str, *, use_ema: bool = True,
+                step: int | None = None, shift: float | None = None,
+                overwrite: bool = False) -> str:
+  """`sd3jax export`: the run as a diffusers StableDiffusion3Pipeline folder."""
+  from sd3jax.interop.pipeline import save_pipeline
+  config = run_config(config, workdir)
+  pipe = pipeline_from_run(config, workdir, step=step, use_ema=use_ema, shift=shift)
+  if pipe.vae.config.shift_factor is None:
+    # diffusers' SD3 pipeline adds vae.config.shift_factor unconditionally; None means 0.
+    vae = type(pipe.vae)(dataclasses.replace(pipe.vae.config, shift_factor=0.0))
+    pipe = dataclasses.replace(pipe, vae=vae)
+  return save_pipeline(pipe, out, overwrite=overwrite)
+
+
+__all__ = ["Pipeline", "SAMPLERS", "export_main", "generate", "initial_noise", "latent_shape",
+           "load_run_params", "make_grid", "pipeline_from_run", "read_prompts", "run_config",
+           "sample_main", "save_images", "to_uint8"]

@@ -1,6 +1,11 @@
-"""The MM-DiT trainer: one readable loop, sharded, jit-compiled, resumable to the bit.
+"""The trainer: one readable loop, sharded, jit-compiled, resumable to the bit.
 
     sd3jax train --config experiments/tiny.py --workdir /tmp/tiny
+    sd3jax train --config experiments/vae_f8.py:16 --workdir /tmp/vae16
+
+config.task picks the `Task` (what differs between models: params init, loss, data
+iterator, FLOPs estimate, built-in evals, export at the end): "mmdit" (defined here) or
+"vae" (sd3jax.tasks). Everything else is one code path.
 
 Sections, in the order a step needs them: setup (config, mesh, model), data, state, step,
 checkpoint, eval hook, loop. Everything that decides the numbers (timestep density,
@@ -60,6 +65,27 @@ class TrainState:
   rng: jax.Array               # base key; step s uses fold_in(rng, s)
   nonfinite_total: jax.Array   # steps skipped for non-finite gradients, ever
   nonfinite_streak: jax.Array  # ... in a row, up to now
+
+
+# (params, batch, rng, step) -> (loss, metrics): a task's objective on one (micro)batch.
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, dict]]
+# (params, batch, rng, step) -> (loss, grads, metrics) on one global batch.
+GradsFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, jax.Array],
+                   tuple[jax.Array, Any, dict]]
+
+
+@dataclasses.dataclass
+class Task:
+  """What a model brings to the shared loop."""
+  name: str
+  init_params: Callable[[jax.Array], Any]     # rng -> logically boxed params
+  loss_and_grads: GradsFn                     # see `grads_of` to build it from a LossFn
+  make_data: Callable[[ConfigDict], Iterator]  # config -> iterator with get_state / set_state
+  tx: optax.GradientTransformation             # its learning rate is injected (optim.py)
+  flops_per_step: float                        # analytic training FLOPs, whole global batch
+  make_evals: Callable[[], list]               # built-in EvalFns (run if eval.every_steps > 0)
+  finish: Callable[[str, Any], None] | None = None  # (workdir, state) at the last step
+  histograms: tuple[str, ...] = ()             # metrics logged as histograms, not means
 
 
 @dataclasses.dataclass
@@ -143,13 +169,26 @@ def text_conditioning(rng: jax.Array, batch: Mapping[str, jax.Array], drop_prob:
 
 def make_init_fn(config: ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
                  batch_shards: int) -> Callable[[jax.Array], TrainState]:
-  """rng -> TrainState with logically boxed leaves (for eval_shape / create_sharded)."""
+  """The MM-DiT's rng -> TrainState with logically boxed leaves."""
+  return state_init_fn(mmdit_init_params(config, model, batch_shards), tx)
+
+
+def mmdit_init_params(config: ConfigDict, model: nn.Module,
+                      batch_shards: int) -> Callable[[jax.Array], Any]:
   shapes = input_shapes(config, batch_shards)
 
+  def init_params(rng):
+    dummy = [jnp.zeros(shapes[k]) for k in ("x", "t", "context", "pooled")]
+    return model.init(rng, *dummy)["params"]
+  return init_params
+
+
+def state_init_fn(init_params: Callable[[jax.Array], Any],
+                  tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+  """rng -> TrainState with logically boxed leaves (for eval_shape / create_sharded)."""
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
-    dummy = [jnp.zeros(shapes[k]) for k in ("x", "t", "context", "pooled")]
-    params = model.init(init_rng, *dummy)["params"]
+    params = init_params(init_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=jax.tree.map(jnp.copy, params), rng=state_rng,
                       nonfinite_total=jnp.zeros((), jnp.int32),
@@ -214,15 +253,73 @@ def make_loss_and_grads(config: ConfigDict, model: nn.Module, mesh: Mesh):
   return loss_and_grads
 
 
-def make_train_step(config: ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optim.Schedule, mesh: Mesh):
-  """(state, batch) -> (state, metrics). Jit it with the state donated."""
+def grads_of(loss_fn: LossFn, microbatches: int, mesh: Mesh,
+             axes: Any = parallel.BATCH_AXES) -> GradsFn:
+  """A task's LossFn -> GradsFn over one global batch split into `microbatches`.
+
+  Microbatch j holds examples j, j + k, ... and its rng is fold_in(rng, j); losses,
+  gradients and metrics are averaged over microbatches.
+  """
+  k = int(microbatches)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    spec = P(None, axes, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  def loss_and_grads(params, batch, rng, step):
+    if k == 1:
+      (loss, metrics), grads = grad_fn(params, batch, rng, step)
+      return loss, grads, metrics
+
+    def body(carry, xs):
+      j, mb = xs
+      (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, j), step)
+      return jax.tree.map(jnp.add, carry, (loss, grads, metrics)), None
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[:x.shape[0] // k], batch),
+                            rng, step)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[1],
+                                                                 shapes[0][1]))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), jax.tree.map(split, dict(batch))))
+    return jax.tree.map(lambda x: x / k, total)
+  return loss_and_grads
+
+
+def mmdit_task(config: ConfigDict, mesh: Mesh) -> Task:
+  """config.task = "mmdit": rectified-flow training of the MM-DiT on latents + text."""
+  model = mmdit.MMDiT(config_lib.model_config(config))
   loss_and_grads = make_loss_and_grads(config, model, mesh)
+
+  def grads(params, batch, rng, step):
+    del step
+    loss, g, t = loss_and_grads(params, batch, rng)
+    return loss, g, {"t": t}
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  return Task(name="mmdit", init_params=mmdit_init_params(config, model, shards),
+              loss_and_grads=grads, make_data=make_data,
+              tx=optim.make_optimizer(config.optimizer), flops_per_step=flops_per_step(config),
+              make_evals=lambda: [make_validation_loss(config, model, mesh)],
+              histograms=("t",))
+
+
+def make_task(config: ConfigDict, mesh: Mesh, workdir: str) -> Task:
+  if config.task == "mmdit":
+    return mmdit_task(config, mesh)
+  if config.task == "vae":
+    from sd3jax import tasks  # pylint: disable=g-import-not-at-top (tasks imports train)
+    return tasks.vae_task(config, mesh, workdir)
+  raise config_lib.ConfigError(f"config.task={config.task!r}; use 'mmdit' or 'vae'.")
+
+
+def make_train_step(config: ConfigDict, task: Task, schedule: optim.Schedule):
+  """(state, batch) -> (state, metrics). Jit it with the state donated."""
+  loss_and_grads, tx = task.loss_and_grads, task.tx
   ema_decay, ema_every = float(config.ema.decay), int(config.ema.every_steps)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads, t = loss_and_grads(state.params, batch, rng)
+    loss, grads, aux = loss_and_grads(state.params, batch, rng, state.step)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -241,7 +338,8 @@ def make_train_step(config: ConfigDict, model: nn.Module, tx: optax.GradientTran
         nonfinite_streak=streak.astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
                "param_norm": optax.tree.norm(new_state.params), "finite": finite,
-               "nonfinite_total": new_state.nonfinite_total, "nonfinite_streak": streak, "t": t}
+               "nonfinite_total": new_state.nonfinite_total, "nonfinite_streak": streak,
+               "aux": aux}
     return new_state, metrics
   return train_step
 
@@ -272,6 +370,32 @@ def compile_step(step_fn, state: TrainState, batch: Mapping[str, jax.Array], mes
 # Checkpoint
 # =============================================================================================
 
+def gather_data_state(data_state: dict | None) -> dict | None:
+  """{"processes": [state of process 0, 1, ...]} on every process; as is with one process.
+
+  Orbax writes JSON items from process 0 only, and each process's iterator has its own state
+  (records pipelines: its shard's fingerprint), so every process's state goes in the checkpoint.
+  """
+  if data_state is None or jax.process_count() == 1:
+    return data_state
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  size = int(np.max(multihost_utils.process_allgather(np.int32(raw.size))))
+  padded = np.zeros(size, np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded)
+  return {"processes": [json.loads(bytes(r).rstrip(b"\0")) for r in np.asarray(rows)]}
+
+
+def data_state_of_this_process(data_state: dict) -> dict:
+  """This process's entry of a gathered state (process 0's when the job had fewer processes;
+  an iterator whose shard changed rejects it in set_state)."""
+  states = data_state.get("processes")
+  if states is None:
+    return data_state
+  return states[jax.process_index()] if jax.process_index() < len(states) else states[0]
+
+
 def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Callable,
                     abstract: TrainState, shardings: Any, mesh: Mesh, rules,
                     data: Iterator) -> TrainState:
@@ -280,7 +404,7 @@ def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Ca
   restored = ckpt.restore_latest(abstract)
   if restored is not None:
     if restored.data_state is not None and hasattr(data, "set_state"):
-      data.set_state(restored.data_state)
+      data.set_state(data_state_of_this_process(restored.data_state))
     logging.info("Resumed from step %d in %s.", restored.step, ckpt.directory)
     return restored.state
   state, _ = parallel.create_sharded(init_fn, mesh, rules, jax.random.PRNGKey(config.seed),
@@ -300,34 +424,13 @@ EvalFn = Callable[[int, TrainState], Mapping[str, float]]
 
 
 def make_validation_loss(config: ConfigDict, model: nn.Module, mesh: Mesh) -> EvalFn:
-  """Loss of the EMA weights on held-out batches with fixed noise, t and no encoder dropout."""
-  cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.conditioning.drop_prob = 0.0
-    cfg.microbatches = 1
-  loss_and_grads = make_loss_and_grads(cfg, model, mesh)
-
-  @jax.jit
-  def loss_fn(params, batch, rng):  # the unused gradients are dead code to XLA
-    return loss_and_grads(params, batch, rng)[0]
-
-  held_out = cfg.copy_and_resolve_references()
-  with held_out.unlocked():
-    held_out.seed = config.seed + 1  # other batches, noise and timesteps than training
-  if config.data.source == "records":
-    logging.warning("Validation loss on records drawn with seed + 1 from config.data.path: "
-                    "a fixed-noise loss, not a held-out split.")
-  data = make_data(held_out)
-  batches = [next(data) for _ in range(int(config.eval.batches))]
+  """Loss of the EMA weights at fixed t and noise, no encoder dropout, on the held-out set
+  (config.eval.path, else synthetic with seed + 1): sd3jax.evals.validation."""
+  from sd3jax.evals import validation
+  val = validation.ValidationLoss(config, model, mesh)
 
   def evaluate(step: int, state: TrainState) -> dict[str, float]:
-    losses = []
-    rules = parallel.get_rules(config.sharding_rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      for i, b in enumerate(batches):
-        batch = shard_batch(b, mesh, batch_axes(rules))
-        losses.append(loss_fn(state.ema_params, batch, jax.random.PRNGKey(i)))
-    return {"val_loss": float(np.mean(jax.device_get(losses)))}
+    return validation.flat_metrics(val(state.ema_params))
   return evaluate
 
 
@@ -370,16 +473,16 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
   mesh = make_mesh(config, devices)
   rules = parallel.get_rules(config.sharding_rules)
-  model = mmdit.MMDiT(config_lib.model_config(config))
-  tx = optim.make_optimizer(config.optimizer)
+  task = make_task(config, mesh, workdir)
+  tx = task.tx
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate,
                                  config.total_steps)
 
   # -- data ---------------------------------------------------------------------------------
-  data = make_data(config) if data is None else data
+  data = task.make_data(config) if data is None else data
 
   # -- state: resume > init_from > fresh ----------------------------------------------------
-  init_fn = make_init_fn(config, model, tx, mesh.shape["data"] * mesh.shape["fsdp"])
+  init_fn = state_init_fn(task.init_params, tx)
   abstract, shardings = abstract_state(init_fn, mesh, rules, jax.random.PRNGKey(config.seed))
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep_last=config.checkpoint.keep_last,
@@ -400,16 +503,17 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
                                      progress_bar=config.log.progress_bar)
   eval_fns = list(eval_fns)
   if config.eval.every_steps > 0:
-    eval_fns.insert(0, make_validation_loss(config, model, mesh))
+    eval_fns[:0] = task.make_evals()
   stop = ckpt_lib.StopRequest()
   history: list[dict] = []
   interrupted = False
   peak = config.log.peak_tflops_per_device or metrics_lib.peak_tflops(devices[0].device_kind)
-  speed = metrics_lib.Throughput(flops_per_step(config), config.batch_size, len(devices), peak)
+  speed = metrics_lib.Throughput(task.flops_per_step, config.batch_size, len(devices), peak)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      step_fn = jax.jit(make_train_step(config, model, tx, schedule, mesh),
-                        in_shardings=(shardings, None), out_shardings=(shardings, None),
+      step_fn = jax.jit(make_train_step(config, task, schedule),
+                        in_shardings=(shardings, None),  # metrics replicated: every
+                        out_shardings=(shardings, parallel.replicated(mesh)),  # host reads
                         donate_argnums=0)
       compiled = {}   # batch shapes -> executable (one per aspect-ratio bucket)
       pending = None  # (step, metrics on device) of the last dispatched step
@@ -428,18 +532,20 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
                 f"non-finite loss or gradient; their updates were skipped. Check the data, lower "
                 f"config.optimizer.learning_rate, or raise config.optimizer.max_nonfinite_steps "
                 f"(now {config.optimizer.max_nonfinite_steps}).")
+        scalars = ["loss", "grad_norm"] + sorted(k for k in m["aux"] if k not in task.histograms)
         if m["finite"]:  # skipped steps are counted in nonfinite_total, not averaged in
-          for key in ("loss", "grad_norm"):
-            last_log.setdefault(key, []).append(float(m[key]))
+          for key in scalars:
+            last_log.setdefault(key, []).append(float(m["aux"].get(key, m.get(key))))
         if (done_step % config.log.every_steps and done_step != config.total_steps
             and not interrupted):
           return
         record = {k: float(np.mean(last_log[k])) if last_log.get(k) else float("nan")
-                  for k in ("loss", "grad_norm")}
+                  for k in scalars}
         last_log.clear()
         record.update(learning_rate=float(m["learning_rate"]), param_norm=float(m["param_norm"]),
                       nonfinite_total=int(m["nonfinite_total"]), **speed.update(done_step))
-        writer.write(done_step, record, histograms={"timesteps": m["t"]})
+        writer.write(done_step, record, histograms={"timesteps" if k == "t" else k: m["aux"][k]
+                                                    for k in task.histograms})
         history.append({"step": done_step, **record})
 
       speed.start(step)
@@ -466,13 +572,16 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
         # -- checkpoint --------------------------------------------------------------------
         interrupted = stop.requested()
         if interrupted or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
-          ckpt.save(step, state, data_state, config_json)
+          ckpt.save(step, state, gather_data_state(data_state), config_json)
         if interrupted:
           logging.warning("Stopped at step %d after a signal; checkpoint saved. Rerun to resume.",
                           step)
           break
       if pending is not None:
         handle(*pending)
+      # -- finish (e.g. export) ------------------------------------------------------------
+      if task.finish is not None and step == config.total_steps and not interrupted:
+        task.finish(workdir, state)
   finally:
     stop.restore()
     ckpt.close()

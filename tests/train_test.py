@@ -203,7 +203,10 @@ def test_eval_hook_writes_validation_loss(start, tmp_path):
   assert record["step"] == 2 and record["custom"] == 1.5 and np.isfinite(record["val_loss"])
   logged = [r for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
             if "eval/val_loss" in r]
-  assert logged == [{"step": 2, "eval/val_loss": record["val_loss"], "eval/custom": 1.5}]
+  per_t = [f"eval/{k}" for k in record if k.startswith("val_loss_t")]
+  assert len(per_t) == 8  # sd3jax.evals.validation: 8 fixed timesteps
+  assert logged == [{"step": 2, "eval/val_loss": record["val_loss"], "eval/custom": 1.5,
+                     **{k: record[k.removeprefix("eval/")] for k in per_t}}]
   last = result.history[-1]  # with a known peak, MFU is reported
   assert last["mfu"] == pytest.approx(last["tflops_per_sec_per_device"] / 2.0)
 

@@ -1,7 +1,9 @@
 """Synthetic batches of the configured shapes: the trainer and benchmarks without real data.
 
-Batch n (on process p) is a pure function of (seed, n, p), so a run is reproducible and a
-resumed iterator continues with exactly the batch it would have produced. The iterator
+Example i of global batch n is a pure function of (seed, n, i), so a run is reproducible, a
+resumed iterator continues with exactly the batch it would have produced, and P processes
+(process p drawing examples p * B / P ... (p + 1) * B / P - 1) assemble the same global batch
+as one process does: multi-host runs train on the same numbers as single-host ones. The iterator
 follows the grain convention: `get_state()` / `set_state(state)` with a JSON-serialisable
 state, which the trainer stores in every checkpoint.
 
@@ -36,7 +38,7 @@ def batch_shapes(config: ConfigDict, batch_size: int) -> dict[str, tuple[int, ..
 
 
 class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
-  """Endless batches; batch n is drawn from np.random.default_rng((seed, n mod period, p))."""
+  """Endless batches; example i of batch n comes from default_rng((seed, n mod period, i))."""
 
   def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int, period: int = 0,
                process_index: int = 0):
@@ -75,8 +77,14 @@ class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
 
 
 def _draw(seed: int, key: int, process: int, shapes: dict[str, tuple[int, ...]]):
-  rng = np.random.default_rng((seed, key, process))
-  return {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+  """This process's rows of global batch `key`: one generator per global example index."""
+  local = next(iter(shapes.values()))[0]
+  out = {name: np.empty(shape, np.float32) for name, shape in shapes.items()}
+  for row in range(local):
+    rng = np.random.default_rng((seed, key, process * local + row))
+    for name, shape in shapes.items():
+      out[name][row] = rng.standard_normal(shape[1:], dtype=np.float32)
+  return out
 
 
 def _freeze(shapes: dict[str, tuple[int, ...]]) -> tuple:

@@ -1,0 +1,116 @@
+"""Standalone evaluation of a run's checkpoints: `sd3jax evaluate --workdir RUN [--step N | --all-steps]`.
+
+Writes WORKDIR/eval/step_<N>.json:
+
+  {"step": N, "val_loss": mean over t, "per_t": {"0.0625": ..., ...}, "n": examples,
+   "weights": "ema" | "raw",
+   "shapes/<category>", "shapes/overall", "shapes/attribute_<key>", ...   (prompt following)
+   "clip_score", "fid"}                                                    (feature hooks)
+
+Prompt following needs a VAE and text encoders (config.precompute.vae / .text_encoders, the
+ones the run's latents and embeddings came from); without them those keys are absent, not
+zero. FID / CLIP score are present only when config.eval.fid_network / clip_network are set
+(FID against ground-truth renders of the same prompt specs).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from sd3jax import config as config_lib
+from sd3jax import parallel
+from sd3jax import sample as sample_lib
+from sd3jax.evals import features
+from sd3jax.evals import validation
+
+
+def eval_prompt_specs(config: ConfigDict) -> list[dict[str, Any]]:
+  """config.eval.prompts_per_category prompts of every shapes category, seeded by eval.seed."""
+  from sd3jax.data import shapes
+  k = int(config.eval.get("prompts_per_category", 4))
+  seed = int(config.eval.get("seed", 0))
+  return [spec for cat in shapes.EVAL_CATEGORIES for spec in shapes.sample_eval_prompts(cat, k, seed)]
+
+
+def prompt_following(config: ConfigDict, pipe: sample_lib.Pipeline) -> dict[str, Any]:
+  """Shapes-checker scores (and the configured feature hooks) of generated images."""
+  from sd3jax.evals import shapes_checker
+  specs = eval_prompt_specs(config)
+  prompts = [s["prompt"] for s in specs]
+  size = int(config.data.image_size)
+  ev = config.eval
+  images = sample_lib.generate(
+      pipe, prompts, height=size, width=size, steps=int(ev.get("sample_steps", 28)),
+      guidance_scale=float(ev.get("sample_cfg", 5.0)), shift=float(ev.get("sample_shift", 3.0)),
+      seed=int(ev.get("seed", 0)), progress=False)
+  out: dict[str, Any] = {f"shapes/{k}": v
+                         for k, v in shapes_checker.score_images(images, specs).items()}
+  fid_net, clip_net = features.networks_from_config(ev)
+  reference = None
+  if fid_net is not None:
+    reference = np.stack([shapes_checker.render_prompt(s, seed=i, height=size, width=size)[0]
+                          for i, s in enumerate(specs)])
+  out.update(features.present({
+      "fid": features.compute_fid(fid_net, images, reference) if fid_net is not None else None,
+      "clip_score": features.compute_clip_score(clip_net, images, prompts)}))
+  return out
+
+
+def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema: bool = True,
+                        mesh: Any = None) -> dict[str, Any]:
+  """Evaluates checkpoint `step` of `workdir`; writes and returns eval/step_<step>.json."""
+  config = sample_lib.run_config(config, workdir)
+  if mesh is None:
+    mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
+  model, params = sample_lib.load_run_params(config, workdir, mesh, step=step, use_ema=use_ema)
+  result: dict[str, Any] = {"step": int(step), "weights": "ema" if use_ema else "raw"}
+  result.update(validation.ValidationLoss(config, model, mesh)(params))
+  if sample_lib.run_components_configured(config):
+    pipe = sample_lib.pipeline_from_run(config, workdir, step=step, use_ema=use_ema, mesh=mesh)
+    result.update(prompt_following(config, pipe))
+  else:
+    logging.info("No config.precompute.vae / text_encoders: prompt following not measured.")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"step_{int(step)}.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+
+
+def evaluate_main(config: ConfigDict | None, workdir: str, step: int | None = None,
+                  all_steps: bool = False, use_ema: bool = True) -> list[dict[str, Any]]:
+  """`sd3jax evaluate`: the latest checkpoint, `step`, or every checkpoint."""
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"{workdir} has no checkpoints/ steps to evaluate.")
+  if all_steps:
+    todo: Sequence[int] = steps
+  elif step is not None:
+    if int(step) not in steps:
+      raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it has {steps}.")
+    todo = [int(step)]
+  else:
+    todo = [steps[-1]]
+  config = sample_lib.run_config(config, workdir)
+  mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
+  results = []
+  for s in todo:
+    results.append(evaluate_checkpoint(config, workdir, s, use_ema=use_ema, mesh=mesh))
+    logging.info("eval step %d: val_loss %.6f", s, results[-1]["val_loss"])
+    print(json.dumps({k: v for k, v in results[-1].items() if k != "per_t"}))
+  return results
+
+
+__all__ = ["evaluate_checkpoint", "evaluate_main", "eval_prompt_specs", "prompt_following",
+           "checkpoint_steps"]

@@ -1,0 +1,186 @@
+"""Validation loss at fixed timesteps: the paper's training-progress metric (Esser et al., Sec. 5).
+
+For every held-out example i and each of `num_t` evenly spaced t_j = (j + 1/2) / num_t:
+
+  eps_i ~ N(0, I) from np.random.default_rng([seed, 11, i])   (one noise per example)
+  loss_ij = weight(t_j) * mean_pixels (model(z_t(x0_i, eps_i, t_j), t_j, text_i) - target)^2
+
+with every text encoder kept (no dropout). Reported: the mean over t of the per-t means, and
+each per-t mean. Why it is bitwise the same on any data-parallel mesh: the per-device batch
+is fixed (config.eval.per_device_batch), so every device runs the same program on the same
+rows whatever the device count; per-example losses are gathered to the host and summed in
+float64 numpy in example order, so no cross-device reduction order enters the number.
+(Tensor parallelism splits contractions and is not covered by that guarantee.)
+
+The held-out examples come from config.eval.path (precomputed records, original captions,
+no shuffling) or, for synthetic runs, from the synthetic source with seed + 1.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from sd3jax import conditioning
+from sd3jax import parallel
+
+INPUT_KEYS = ("latents",) + tuple(conditioning.EMBEDDING_KEYS)
+
+
+def fixed_timesteps(num_t: int) -> np.ndarray:
+  """num_t evenly spaced midpoints of (0, 1), float32: never exactly data or noise."""
+  return ((np.arange(num_t, dtype=np.float64) + 0.5) / num_t).astype(np.float32)
+
+
+def t_key(t: float) -> str:
+  return f"{float(t):.4f}"
+
+
+def example_noise(seed: int, indices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """Host noise for examples `indices`: a function of (seed, index) only, so of no mesh."""
+  return np.stack([np.random.default_rng([int(seed), 11, int(i)]).standard_normal(
+      shape, dtype=np.float32) for i in indices])
+
+
+# ------------------------------------------------------------------------------------------------
+# The held-out set.
+# ------------------------------------------------------------------------------------------------
+def _get(section: Any, key: str, default: Any) -> Any:
+  return section.get(key, default) if hasattr(section, "get") else default
+
+
+def num_examples(config: ConfigDict) -> int:
+  n = int(_get(config.eval, "num_examples", 0))
+  return n if n > 0 else int(_get(config.eval, "batches", 2)) * int(config.batch_size)
+
+
+def held_out_examples(config: ConfigDict) -> dict[str, np.ndarray]:
+  """The first num_examples held-out examples, full (every process holds all), float32."""
+  n = num_examples(config)
+  path = _get(config.eval, "path", "")
+  if not path and config.data.source == "records":
+    path = config.data.path
+    logging.warning("config.eval.path is empty: the validation loss reads the training records "
+                    "%s (fixed noise and t, but not a held-out split).", path)
+  chunks, have = [], 0
+  if path:
+    from sd3jax.data import pipeline as pipeline_lib
+    from sd3jax.data import records
+    source = records.RecordSource(path, kind=records.KIND_PRECOMPUTED)
+    mismatches = pipeline_lib.config_mismatches(config, source.manifest.get("producer", {}))
+    if mismatches:
+      raise pipeline_lib.PrecomputeMismatchError(
+          f"Validation records {path} do not fit this config: {'; '.join(mismatches)}.")
+    n = min(n, len(source))
+    # Batches of one: no remainder is dropped, so the first n records are all reached.
+    pipe = pipeline_lib.make_precomputed_pipeline(
+        source, global_batch=1, seed=int(config.seed), p_synthetic=0.0, process_index=0,
+        process_count=1, shuffle=False, num_epochs=1, keys=INPUT_KEYS + ("index",))
+    seen = {}
+    for b in pipe.iterator():
+      for j, index in enumerate(np.asarray(b["index"]).reshape(-1).tolist()):
+        seen.setdefault(int(index), {k: b[k][j] for k in INPUT_KEYS})
+      if len(seen) >= n:
+        break
+    order = sorted(seen)[:n]
+    return {k: np.stack([seen[i][k] for i in order]).astype(np.float32) for k in INPUT_KEYS}
+  from sd3jax.data import synthetic
+  it = synthetic.make_iterator(config, seed=int(config.seed) + 1)
+  while have < n:
+    b = next(it)
+    chunks.append(b)
+    have += len(b["latents"])
+  return {k: np.concatenate([c[k] for c in chunks])[:n].astype(np.float32)
+          for k in INPUT_KEYS if k in chunks[0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# The computation.
+# ------------------------------------------------------------------------------------------------
+class ValidationLoss:
+  """Callable (params) -> {"val_loss", "per_t": {t: loss}, "n"}; compiled once per mesh."""
+
+  def __init__(self, config: ConfigDict, model: nn.Module, mesh: Mesh,
+               examples: Mapping[str, np.ndarray] | None = None):
+    from sd3jax import flow
+    self.config, self.model, self.mesh = config, model, mesh
+    self.rules = parallel.get_rules(config.sharding_rules)
+    self.axes = dict(self.rules).get("act_batch", parallel.BATCH_AXES)
+    names = (self.axes,) if isinstance(self.axes, str) else tuple(self.axes or ())
+    self.shards = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    self.per_device = int(_get(config.eval, "per_device_batch", 2))
+    self.timesteps = fixed_timesteps(int(_get(config.eval, "num_timesteps", 8)))
+    self.seed = int(_get(config.eval, "seed", 0))
+    self.examples = dict(held_out_examples(config) if examples is None else examples)
+    self.n = len(self.examples["latents"])
+    self.noise = example_noise(self.seed, np.arange(self.n), self.examples["latents"].shape[1:])
+    formulation = flow.get_formulation(config.flow.formulation)
+    t5_width = int(config.model.joint_attention_dim)
+
+    def per_example(params, x0, eps, emb, ts):
+      """(T, b) losses; lax.map over t keeps one model call's shapes whatever num_t is."""
+      context, pooled = conditioning.assemble(
+          emb["clip_l"], emb["clip_g"], emb.get("t5"), emb["clip_l_pooled"],
+          emb["clip_g_pooled"], t5_length=0, t5_width=t5_width)
+
+      def at(t):
+        tb = jnp.full((x0.shape[0],), t, jnp.float32)
+        z = formulation.noisy(x0, eps, tb)
+        target = formulation.target(x0, eps, tb)
+        pred = model.apply({"params": params}, z, tb, context, pooled).astype(jnp.float32)
+        err = (pred - target.astype(jnp.float32)) ** 2
+        return formulation.loss_weight(tb) * jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+      return jax.lax.map(at, ts)
+
+    self._fn = jax.jit(per_example, out_shardings=NamedSharding(mesh, P(None, self.axes)))
+
+  def _place(self, x: np.ndarray) -> jax.Array:
+    sharding = NamedSharding(self.mesh, P(self.axes, *([None] * (x.ndim - 1))))
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  def per_example_losses(self, params: Any) -> np.ndarray:
+    """(num_t, n) float32 losses, example i in column i."""
+    chunk = self.per_device * self.shards
+    out = []
+    ts = jnp.asarray(self.timesteps)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      for start in range(0, self.n, chunk):
+        index = np.minimum(np.arange(start, start + chunk), self.n - 1)  # pad: repeat the last
+        real = int(min(chunk, self.n - start))
+        x0 = self._place(self.examples["latents"][index])
+        eps = self._place(self.noise[index])
+        emb = {k: self._place(v[index]) for k, v in self.examples.items() if k != "latents"}
+        losses = self._fn(params, x0, eps, emb, ts)
+        out.append(np.asarray(_to_host(losses))[:, :real])
+    return np.concatenate(out, axis=1)
+
+  def __call__(self, params: Any) -> dict[str, Any]:
+    losses = self.per_example_losses(params).astype(np.float64)
+    per_t = [float(np.add.reduce(row) / self.n) for row in losses]  # fixed order: example order
+    return {"val_loss": float(sum(per_t) / len(per_t)),
+            "per_t": {t_key(t): v for t, v in zip(self.timesteps, per_t)}, "n": self.n}
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The full value on every process (a no-op gather on one host)."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+  """{"val_loss", "val_loss_t<t>": ...}: the flat form for metrics.jsonl / TensorBoard."""
+  out = {"val_loss": float(result["val_loss"])}
+  out.update({f"val_loss_t{k}": float(v) for k, v in result["per_t"].items()})
+  return out
+
+
+__all__ = ["ValidationLoss", "fixed_timesteps", "example_noise", "held_out_examples",
+           "flat_metrics", "num_examples", "t_key"]

@@ -1,0 +1,294 @@
+"""Trainer tasks beyond the MM-DiT: the KL autoencoder (config.task = "vae").
+
+A task is what differs between models; the loop, mesh, sharded state, optimizer schedule,
+EMA, checkpoints, metrics and the non-finite guard are sd3jax.train's, shared. The VAE task:
+
+- params = {"vae": AutoencoderKL params, "disc": PatchDiscriminator params}, one state;
+- one optimizer: optax.multi_transform of AdamW for "vae" and AdamW (taming's betas) for
+  "disc", inside the trainer's injected learning rate (the disc's LR is a ratio of it);
+- loss = sd3jax.vae_losses.vae_train_losses (L1/L2 + KL + optional LPIPS + PatchGAN hinge
+  from vae.disc_start on); before disc_start the disc's gradient is exactly zero, so Adam
+  (no weight decay) leaves its params unchanged;
+- data: "image" batches of make_image_text_pipeline over a shapes TFDS build (built on
+  the fly) or an ingested records folder; resumable like every trainer iterator;
+- eval: held-out PSNR / SSIM of the EMA weights (posterior mode) -> eval/psnr, eval/ssim,
+  and a grid samples/recon_step_N.png (originals above, reconstructions below);
+- finish: the EMA autoencoder exported as a diffusers AutoencoderKL folder WORKDIR/vae/.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from sd3jax import config as config_lib
+from sd3jax import optim
+from sd3jax import parallel
+from sd3jax import train
+from sd3jax import vae_losses
+from sd3jax.models import vae as vae_lib
+
+IMAGE_KEYS = ("image",)
+
+
+# =============================================================================================
+# Model and losses
+# =============================================================================================
+
+def vae_model(config: ConfigDict) -> vae_lib.AutoencoderKL:
+  v = config.vae
+  cfg = vae_lib.vae_config(int(v.latent_channels), int(v.width), int(v.layers_per_block),
+                           sample_size=int(config.data.image_size))
+  return vae_lib.AutoencoderKL(cfg, dtype=jnp.dtype(v.dtype), remat=bool(v.remat))
+
+
+def disc_model(config: ConfigDict) -> vae_losses.PatchDiscriminator:
+  v = config.vae
+  return vae_losses.PatchDiscriminator(ndf=int(v.disc_ndf), n_layers=int(v.disc_layers),
+                                       dtype=jnp.dtype(v.dtype))
+
+
+def loss_config(config: ConfigDict) -> vae_losses.VAELossConfig:
+  v = config.vae
+  return vae_losses.VAELossConfig(
+      rec_loss=v.rec_loss, kl_weight=float(v.kl_weight),
+      perceptual_weight=float(v.perceptual_weight), disc_weight=float(v.disc_weight),
+      disc_factor=float(v.disc_factor), disc_start=int(v.disc_start), disc_loss=v.disc_loss,
+      sample_posterior=bool(v.sample_posterior))
+
+
+def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
+  """AdamW on "vae", AdamW(disc_b1, disc_b2) at lr * disc_lr_ratio on "disc"; clipped apart."""
+  opt, v = config.optimizer, config.vae
+
+  def build(learning_rate):
+    def adamw(lr, b1, b2, wd):
+      parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
+      parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=opt.eps, weight_decay=wd,
+                               mask=optim._decay_mask))  # pylint: disable=protected-access
+      return optax.chain(*parts)
+    return optax.multi_transform(
+        {"vae": adamw(learning_rate, opt.b1, opt.b2, opt.weight_decay),
+         "disc": adamw(learning_rate * float(v.disc_lr_ratio), v.disc_b1, v.disc_b2, 0.0)},
+        lambda params: {k: k for k in params})
+  return optax.inject_hyperparams(build)(learning_rate=float(opt.learning_rate))
+
+
+def make_perceptual(config: ConfigDict):
+  path = config.vae.perceptual_path
+  if float(config.vae.perceptual_weight) <= 0:
+    return None
+  if not path:
+    raise config_lib.ConfigError("config.vae.perceptual_weight > 0 needs config.vae."
+                                 "perceptual_path (a local LPIPS / VGG16 safetensors).")
+  return vae_losses.load_lpips_vgg16(path)
+
+
+def forward_flops(model: vae_lib.AutoencoderKL, image_size: int) -> float:
+  """XLA's FLOPs of encode + decode for one image (the VAE has no scanned layers)."""
+  params = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  fwd = lambda p, x: model.apply({"params": p}, x)[0]
+  try:
+    cost = jax.jit(fwd).lower(jax.tree.map(lambda a: getattr(a, "value", a), params,
+                                           is_leaf=lambda a: hasattr(a, "value")),
+                              x).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+  except Exception as e:  # noqa: BLE001 -- throughput only; never fail a run on it
+    logging.warning("VAE FLOPs estimate failed (%r); MFU will read 0.", e)
+    return 0.0
+
+
+# =============================================================================================
+# Data
+# =============================================================================================
+
+class _Subset:
+  """A view of examples [start, stop) of a random-access source."""
+
+  def __init__(self, source, start: int, stop: int):
+    self.source, self.start, self.stop = source, start, stop
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, i: int):
+    return self.source[self.start + int(i)]
+
+  def __getitems__(self, idx):
+    return [self[i] for i in idx]
+
+
+def _build_shapes(path: str, size: int, num_train: int, num_val: int, seed: int) -> None:
+  """shapes_tfds.build_shapes (a no-op when built); a config the builder predefines is
+  named by its name, as TFDS refuses a custom config object of the same name."""
+  from sd3jax.data import shapes_tfds
+  import tensorflow_datasets as tfds
+  cfg = shapes_tfds.make_config(size, num_train, num_val, seed)
+  if not any(c.name == cfg.name for c in shapes_tfds.Sd3jaxShapes.BUILDER_CONFIGS):
+    shapes_tfds.build_shapes(path, size, num_train, num_val, seed)
+    return
+  builder = shapes_tfds.Sd3jaxShapes(data_dir=path, config=cfg.name)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      try_download_gcs=False))
+
+
+def image_sources(config: ConfigDict) -> tuple[Any, Any]:
+  """(train, held-out) random-access image sources of config.data.
+
+  shapes: the TFDS build at data.path (rendered first if missing), splits train /
+  validation. records: an ingested folder; its last vae.eval_examples records are held
+  out (never trained on).
+  """
+  d = config.data
+  if not d.path:
+    raise config_lib.ConfigError(f"config.data.source={d.source!r} needs config.data.path.")
+  if d.source == "shapes":
+    from sd3jax.data import shapes_tfds
+    size = int(d.image_size)
+    name = shapes_tfds.config_name(size, size, int(d.shapes_num_train), int(d.shapes_num_val),
+                                   int(d.shapes_seed))
+    if jax.process_index() == 0:
+      _build_shapes(d.path, size, int(d.shapes_num_train), int(d.shapes_num_val),
+                    int(d.shapes_seed))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("sd3jax_shapes_built")
+    return (shapes_tfds.load_shapes(d.path, "train", name),
+            shapes_tfds.load_shapes(d.path, "validation", name))
+  if d.source == "records":
+    from sd3jax.data import records
+    source = records.RecordSource(d.path, kind=records.KIND_IMAGE_TEXT)
+    n, held = len(source), int(config.vae.eval_examples)
+    if n <= held:
+      raise config_lib.ConfigError(f"config.data.path={d.path!r} has {n} records, not more "
+                                   f"than config.vae.eval_examples={held} held out.")
+    return _Subset(source, 0, n - held), _Subset(source, n - held, n)
+  raise config_lib.ConfigError(f"config.data.source={d.source!r} with config.task='vae'; use "
+                               "'shapes' or 'records' (ingested images).")
+
+
+def make_data(config: ConfigDict) -> Iterator[dict[str, np.ndarray]]:
+  """The resumable iterator of local {"image": [B, H, W, 3] in [-1, 1]} batches."""
+  from sd3jax.data import pipeline
+  train_source, _ = image_sources(config)
+  d = config.data
+  pipe = pipeline.make_image_text_pipeline(
+      train_source, global_batch=int(config.batch_size), resolution=int(d.image_size),
+      seed=int(config.seed), p_synthetic=0.0, workers=int(d.workers), threads=int(d.threads),
+      prefetch=int(d.prefetch))
+  pipe.batcher = pipeline._SelectKeys(pipe.batcher, IMAGE_KEYS)  # pylint: disable=protected-access
+  return pipe.iterator()
+
+
+def held_out_images(config: ConfigDict) -> np.ndarray:
+  """The first vae.eval_examples held-out images, float32 NHWC in [-1, 1] (all processes)."""
+  from sd3jax.data import pipeline
+  _, source = image_sources(config)
+  n = min(int(config.vae.eval_examples), len(source))
+  size = int(config.data.image_size)
+  out = []
+  for ex in source.__getitems__(list(range(n))):
+    pixels, _, _ = pipeline.resize_and_crop(ex["image"], size, size, crop="center")
+    out.append(pipeline.to_float(pixels))
+  return np.stack(out)
+
+
+# =============================================================================================
+# Eval and export
+# =============================================================================================
+
+def save_grid(path: str, originals: np.ndarray, recons: np.ndarray) -> None:
+  """Originals in the top row, reconstructions below; images in [-1, 1]."""
+  from PIL import Image
+  to_u8 = lambda x: np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
+  grid = np.concatenate([np.concatenate(list(to_u8(originals)), axis=1),
+                         np.concatenate(list(to_u8(recons)), axis=1)], axis=0)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid).save(path)
+
+
+def make_reconstruction_eval(config: ConfigDict, model: vae_lib.AutoencoderKL, mesh: Mesh,
+                             workdir: str) -> train.EvalFn:
+  """Held-out PSNR / SSIM of the EMA autoencoder (posterior mode) and a recon grid."""
+  images = held_out_images(config)
+  per_process = int(config.batch_size) // jax.process_count()
+  rules = parallel.get_rules(config.sharding_rules)
+  axes = train.batch_axes(rules)
+
+  @jax.jit
+  def metrics_of(params, x):
+    recon, _ = model.apply({"params": params}, x)
+    a, b = vae_losses.to_unit(x), vae_losses.to_unit(recon)
+    return vae_losses.psnr(a, b), vae_losses.ssim(a, b), recon
+
+  def evaluate(step: int, state: train.TrainState) -> dict[str, float]:
+    psnrs, ssims, first = [], [], None
+    with jax.set_mesh(mesh):
+      for i in range(0, len(images), per_process):
+        chunk = images[i:i + per_process]
+        valid = len(chunk)
+        if valid < per_process:  # pad the last batch; padding is not counted
+          chunk = np.concatenate([chunk, np.repeat(chunk[-1:], per_process - valid, 0)])
+        batch = train.shard_batch({"image": chunk}, mesh, axes)["image"]
+        p, s, r = metrics_of(state.ema_params["vae"], batch)
+        p, s = np.asarray(jax.device_get(p))[:valid], np.asarray(jax.device_get(s))[:valid]
+        psnrs.append(p)
+        ssims.append(s)
+        if first is None and jax.process_index() == 0:
+          first = (chunk[:8], np.asarray(jax.device_get(r))[:8])
+    if first is not None:
+      save_grid(os.path.join(workdir, "samples", f"recon_step_{step}.png"), *first)
+    return {"psnr": float(np.mean(np.concatenate(psnrs))),
+            "ssim": float(np.mean(np.concatenate(ssims)))}
+  return evaluate
+
+
+def export_vae(model: vae_lib.AutoencoderKL, workdir: str, state: train.TrainState) -> None:
+  """The EMA autoencoder as a diffusers AutoencoderKL folder WORKDIR/vae/ (process 0)."""
+  params = jax.device_get(state.ema_params["vae"])
+  if jax.process_index() == 0:
+    from sd3jax.interop import diffusers_vae
+    folder = os.path.join(workdir, "vae")
+    diffusers_vae.save_vae(model, params, folder)
+    logging.info("Exported the EMA autoencoder to %s.", folder)
+
+
+# =============================================================================================
+# The task
+# =============================================================================================
+
+def vae_task(config: ConfigDict, mesh: Mesh, workdir: str) -> train.Task:
+  """config.task = "vae": the KL autoencoder + PatchGAN discriminator, in one train state."""
+  model, disc, cfg = vae_model(config), disc_model(config), loss_config(config)
+  perceptual = make_perceptual(config)
+  size = int(config.data.image_size)
+
+  def init_params(rng):
+    vae_rng, disc_rng = jax.random.split(rng)
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    return {"vae": model.init_params(vae_rng, size),
+            "disc": disc.init(disc_rng, x)["params"]}
+
+  def loss(params, batch: Mapping[str, jax.Array], rng, step):
+    total, metrics = vae_losses.vae_train_losses(
+        model, disc, params, batch["image"].astype(jnp.float32), rng, step, cfg, perceptual)
+    metrics.pop("loss", None)
+    return total, metrics
+
+  flops = 3.0 * forward_flops(model, size) * int(config.batch_size)
+  return train.Task(
+      name="vae", init_params=init_params,
+      loss_and_grads=train.grads_of(loss, int(config.microbatches), mesh,
+                                    train.batch_axes(config.sharding_rules)),
+      make_data=make_data, tx=make_optimizer(config), flops_per_step=flops,
+      make_evals=lambda: [make_reconstruction_eval(config, model, mesh, workdir)],
+      finish=lambda wd, state: export_vae(model, wd, state))

@@ -1,0 +1,235 @@
+"""Validation loss, standalone evaluation, sampling and export of a trained run.
+
+One tiny run (2 steps on synthetic data) whose MM-DiT fits a tiny f8 VAE and the embedded
+text encoders, so the same run is evaluated, sampled from the CLI and exported to diffusers.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+from ml_collections import ConfigDict
+
+from sd3jax import config as config_lib
+from sd3jax import parallel, sample, train
+from sd3jax.data import shapes
+from sd3jax.embedded_encoders import build_embedded_encoders
+from sd3jax.evals import run as eval_run
+from sd3jax.evals import validation
+from sd3jax.interop import diffusers_vae
+from sd3jax.models import vae as vae_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP_L, CLIP_G, T5_WIDTH, T5_TOKENS = 16, 16, 64, 8
+SIZE, STEPS, GUIDANCE, SHIFT = 32, 3, 5.0, 3.0  # f8 VAE, patch 2: 4x4 latents, 4 image tokens.
+TOL = 2e-3
+
+
+def _random_vae(seed: int = 0):
+  """A random vae_config(16, width=8); params drawn in numpy (its jitted init is slow on CPU)."""
+  model = vae_lib.AutoencoderKL(vae_lib.vae_config(16, width=8))
+  abstract = nn.unbox(jax.eval_shape(model.init_params, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if leaf.ndim == 1:
+      base = 1.0 if "norm" in jax.tree_util.keystr(path) and "scale" in jax.tree_util.keystr(
+          path) else 0.0
+      return (base + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+    return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(
+        np.float32)
+  return model, jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def _config(folders: dict | None) -> ConfigDict:
+  spec = importlib.util.spec_from_file_location("_tiny", os.path.join(ROOT, "experiments",
+                                                                      "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  with c.unlocked():
+    c.total_steps, c.batch_size = 2, 8
+    c.model.update(depth=2, hidden_size=32, num_heads=2, joint_attention_dim=T5_WIDTH,
+                   pooled_projection_dim=CLIP_L + CLIP_G, pos_embed_max_size=8, sample_size=4)
+    c.data.update(image_size=SIZE, vae_factor=8)
+    c.conditioning.update(clip_l_dim=CLIP_L, clip_g_dim=CLIP_G, t5_dim=T5_WIDTH, clip_tokens=77,
+                          t5_tokens=T5_TOKENS)
+    c.optimizer.learning_rate = 1e-2
+    c.schedule.warmup_steps = 1
+    c.ema.decay = 0.5
+    c.checkpoint.update(every_steps=1, keep_last=3, async_save=False)
+    c.log.update(progress_bar=False, tensorboard=True)
+    c.eval = ConfigDict(dict(every_steps=2, batches=2, fid_network="", clip_network="",
+                             num_examples=12, num_timesteps=8, per_device_batch=2, seed=0,
+                             prompts_per_category=1, sample_steps=2, sample_cfg=5.0,
+                             sample_shift=3.0))
+    if folders is not None:
+      c.precompute = ConfigDict(dict(vae=folders["vae"], text_encoders=folders["encoders"]))
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """{"config", "workdir", "encoders", "vae"}: a 2-step run with its VAE and encoders."""
+  root = tmp_path_factory.mktemp("run")
+  encoders = build_embedded_encoders(str(root / "encoders"), list(shapes.VOCABULARY), seed=0,
+                                     clip_l_width=CLIP_L, clip_g_width=CLIP_G, t5_width=T5_WIDTH)
+  model, params = _random_vae()
+  diffusers_vae.save_vae(model, params, str(root / "vae"))
+  folders = {"encoders": encoders, "vae": str(root / "vae")}
+  config = _config(folders)
+  workdir = str(root / "workdir")
+  result = train.train(config, workdir)
+  assert result.step == 2
+  return {"config": config, "workdir": workdir, **folders}
+
+
+def _mesh(devices):
+  return parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, None, devices)
+
+
+def test_validation_loss_bitwise_same_on_1_and_8_devices(run):
+  config = sample.run_config(run["config"], run["workdir"])
+  losses, results = [], []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = _mesh(devices)
+    model, params = sample.load_run_params(config, run["workdir"], mesh, step=2)
+    val = validation.ValidationLoss(config, model, mesh)
+    assert val.shards == len(devices)
+    losses.append(val.per_example_losses(params))
+    results.append(val(params))
+  assert losses[0].shape == (8, 12)
+  assert np.array_equal(losses[0], losses[1])  # bitwise, every example and t
+  assert results[0] == results[1]
+  assert len(results[0]["per_t"]) == 8 and np.isfinite(results[0]["val_loss"])
+  assert len(set(results[0]["per_t"].values())) > 1  # a trained model's loss depends on t
+  # Deterministic: the same again on a fresh 8-device evaluator.
+  val = validation.ValidationLoss(config, model, _mesh(jax.devices()[:8]))
+  assert val(params) == results[1]
+
+
+def test_training_writes_eval_metrics(run):
+  with open(os.path.join(run["workdir"], "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  evals = [r for r in records if "eval/val_loss" in r]
+  assert evals and evals[-1]["step"] == 2
+  assert sum(k.startswith("eval/val_loss_t") for k in evals[-1]) == 8
+  assert os.listdir(os.path.join(run["workdir"], "tensorboard"))
+
+
+def test_evaluate_writes_step_json(run):
+  results = eval_run.evaluate_main(None, run["workdir"], step=2)  # the config from config.json
+  with open(os.path.join(run["workdir"], "eval", "step_2.json")) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(results[0]))
+  assert saved["step"] == 2 and saved["weights"] == "ema" and saved["n"] == 12
+  assert set(saved["per_t"]) == {validation.t_key(t) for t in validation.fixed_timesteps(8)}
+  assert saved["val_loss"] == pytest.approx(np.mean(list(saved["per_t"].values())), rel=1e-12)
+  assert 0.0 <= saved["shapes/overall"] <= 1.0 and saved["shapes/n"] == 5
+  assert "fid" not in saved and "clip_score" not in saved  # no networks configured: absent
+  # Without a VAE and text encoders: validation loss only, prompt following absent (not 0).
+  bare = eval_run.evaluate_checkpoint(_config(None), run["workdir"], 1, use_ema=False)
+  assert bare["step"] == 1 and bare["weights"] == "raw"
+  assert not any(k.startswith("shapes/") for k in bare)
+  assert bare["val_loss"] != saved["val_loss"]
+
+
+def test_export_round_trip_matches_diffusers(run, tmp_path):
+  from diffusers import StableDiffusion3Pipeline
+  prompts = ["a red circle on the left", "two blue squares"]
+  negative = ["a green triangle", "yellow"]
+  pipe = sample.pipeline_from_run(run["config"], run["workdir"], shift=SHIFT)
+  out = sample.export_main(run["config"], run["workdir"], str(tmp_path / "export"), shift=SHIFT)
+  noise = np.asarray(sample.initial_noise(3, range(2), (SIZE // 8, SIZE // 8, 16)))
+  ours = sample.generate(pipe, prompts, negative_prompt=negative, latents=noise, steps=STEPS,
+                         guidance_scale=GUIDANCE, progress=False)
+  reference = StableDiffusion3Pipeline.from_pretrained(out)
+  with torch.no_grad():
+    theirs = reference(prompt=prompts, negative_prompt=negative, height=SIZE, width=SIZE,
+                       num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                       latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))),
+                       output_type="np", max_sequence_length=T5_TOKENS).images
+  diff = float(np.abs(np.asarray(theirs, np.float64) - ours).max())
+  print(f"\nexport round trip: max abs pixel difference sd3jax vs diffusers {diff:.2e}")
+  assert ours.shape == (2, SIZE, SIZE, 3) and ours.std() > 1e-3
+  assert diff <= TOL, diff
+  # `sd3jax sample --pipeline DIR` (no config, no workdir) samples the exported folder alike.
+  paths = sample.sample_main(None, None, prompts, negative=negative[0], steps=STEPS,
+                             cfg=GUIDANCE, shift=None, seed=3, out=str(tmp_path / "from_dir"),
+                             pipeline=out)
+  assert [os.path.basename(p) for p in paths] == [
+      "0000_a_red_circle_on_the_left.png", "0001_two_blue_squares.png", "grid.png"]
+
+
+def test_cli_parse_config_optional_only_where_declared():
+  from absl import flags
+  from sd3jax import cli
+  fv = flags.FlagValues()
+  name, config, workdir, _ = cli.parse(["sd3jax", "sample", "--pipeline", "/x", "--prompt", "a",
+                                        "--steps", "4", "--no-t5", "--noema"], fv)
+  assert (name, config, workdir) == ("sample", None, None)
+  assert fv.pipeline == "/x" and fv.prompt == ["a"] and fv.steps == 4 and fv.no_t5
+  assert not fv.ema and fv.cfg == 5.0 and fv.shift == 3.0 and fv.sampler == "euler"
+  with pytest.raises(cli.UsageError, match="--config"):
+    cli.parse(["sd3jax", "train", "--workdir", "/tmp/x"], flags.FlagValues())
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "sd3jax.cli", *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_sample_cli_from_workdir_writes_pngs_and_grid(run, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("two blue squares\n\na green triangle at the top\n")
+  out = tmp_path / "samples"
+  proc = _cli("sample", "--workdir", run["workdir"], "--prompt", "a red circle",
+              "--prompts", str(prompts), "--steps", "2", "--cfg", "3.0", "--sampler", "heun",
+              "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(os.listdir(out))
+  assert names == ["0000_a_red_circle.png", "0001_two_blue_squares.png",
+                   "0002_a_green_triangle_at_the_top.png", "grid.png"], names
+  from PIL import Image
+  assert Image.open(out / "0000_a_red_circle.png").size == (SIZE, SIZE)
+
+
+def test_sample_cli_needs_a_source(tmp_path):
+  proc = _cli("sample", "--prompt", "a red circle", "--out", str(tmp_path))
+  assert proc.returncode == 2 and "--workdir RUN or --pipeline DIR" in proc.stderr
+
+
+def test_validation_loss_on_held_out_records(run, tmp_path):
+  """config.eval.path: the first num_examples records in index order, original captions."""
+  from sd3jax import conditioning
+  from sd3jax.data import precompute, shapes_tfds
+  data_dir = str(tmp_path / "shapes")
+  shapes_tfds.build_shapes(data_dir, resolution=SIZE, num_train=2, num_val=6)
+  te = conditioning.TextEncoders.from_pipeline_folder(run["encoders"], t5_length=T5_TOKENS,
+                                                      t5_width=T5_WIDTH)
+  records = str(tmp_path / "val_records")
+  precompute.precompute(shapes_tfds.load_shapes(data_dir, "validation"), records,
+                        diffusers_vae.load_vae(run["vae"]), te, global_batch=2, resolution=SIZE,
+                        examples_per_shard=4, split="validation", progress=False)
+  config = _config(None)
+  with config.unlocked():
+    config.eval.path, config.eval.num_examples = records, 5
+  config = config_lib.complete(config)
+  examples = validation.held_out_examples(config)
+  assert examples["latents"].shape == (5, SIZE // 8, SIZE // 8, 16)
+  assert examples["t5"].shape == (5, T5_TOKENS, T5_WIDTH)
+  again = validation.held_out_examples(config)
+  assert all(np.array_equal(examples[k], again[k]) for k in examples)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = _mesh(devices)
+    model, params = sample.load_run_params(config, run["workdir"], mesh, step=2)
+    results.append(validation.ValidationLoss(config, model, mesh, examples)(params))
+  assert results[0] == results[1] and results[0]["n"] == 5

@@ -1,0 +1,174 @@
+"""The VAE task through the shared trainer: steps, resume, discriminator start, eval, export."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from sd3jax import config as config_lib
+from sd3jax import tasks, train
+from sd3jax.data import pipeline
+
+EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "vae_f8.py")
+DISC_START = 3
+
+
+def tiny_vae(data_dir, **overrides):
+  """experiments/vae_f8.py at toy size: 32x32 shapes, width 8, discriminator from step 3."""
+  config = config_lib.load(f"{EXPERIMENT}:4,steps=6,batch=4,width=8,disc={DISC_START},eval=6,"
+                           f"data={data_dir}")
+  with config.unlocked():
+    config.data.image_size = 32
+    config.data.shapes_num_train = 32
+    config.data.shapes_num_val = 8
+    config.vae.eval_examples = 6
+    config.vae.disc_ndf = 8
+    config.schedule.name = "warmup_constant"  # independent of total_steps: one compile
+    config.schedule.warmup_steps = 1
+    config.checkpoint.every_steps = 3
+    config.log.every_steps = 1
+    config.mesh.data = 2
+    for key, value in overrides.items():
+      config_lib.set_key(config, key.replace("__", "."), value)
+  return config
+
+
+DEVICES = jax.devices()[:2]
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(leaves(a), leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir):
+  """6 steps in one go."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  return workdir, train.train(tiny_vae(data_dir), workdir, devices=DEVICES)
+
+
+def test_steps_run_with_finite_metrics(straight):
+  _, result = straight
+  assert result.step == 6 and [h["step"] for h in result.history] == list(range(1, 7))
+  for h in result.history:
+    for key in ("loss", "rec_loss", "kl", "grad_norm", "d_loss", "g_loss"):
+      assert np.isfinite(h[key]), (key, h)
+  # The GAN terms are gated: zero before DISC_START, on from it (step s runs at state.step s-1).
+  assert all(h["disc_factor"] == 0.0 for h in result.history[:DISC_START])
+  assert all(h["disc_factor"] == 1.0 for h in result.history[DISC_START:])
+  assert result.history[-1]["d_loss"] > 0
+
+
+class FixedBatch:
+  """The same batch every step (resumable, trivially)."""
+
+  def __init__(self, batch):
+    self.batch = batch
+
+  def __next__(self):
+    return self.batch
+
+  def get_state(self):
+    return {}
+
+  def set_state(self, state):
+    del state
+
+
+def test_reconstruction_loss_decreases_on_a_fixed_batch(data_dir, tmp_path):
+  config = tiny_vae(data_dir, total_steps=12, vae__disc_start=10**6, eval__every_steps=0,
+                    optimizer__learning_rate=3e-3)
+  batch = next(tasks.make_data(config_lib.validate(config, 2)))
+  result = train.train(config, str(tmp_path), data=FixedBatch(batch), devices=DEVICES)
+  rec = [h["rec_loss"] for h in result.history]
+  assert np.all(np.isfinite(rec))
+  assert np.mean(rec[-3:]) < 0.8 * np.mean(rec[:3]), rec
+
+
+def test_resume_is_exact_and_disc_waits_for_disc_start(straight, data_dir, tmp_path):
+  workdir = str(tmp_path)
+  first = train.train(tiny_vae(data_dir, total_steps=3), workdir, devices=DEVICES)
+  assert first.step == 3
+
+  # Before disc_start the discriminator's params are exactly their initial values.
+  config = config_lib.validate(tiny_vae(data_dir), 2)
+  mesh = train.make_mesh(config, DEVICES)
+  task = tasks.vae_task(config, mesh, workdir)
+  init = nn.unbox(task.init_params(jax.random.split(jax.random.PRNGKey(config.seed))[0]))
+  assert_trees_equal(first.state.params["disc"], init["disc"])
+  vae_moved = [not np.array_equal(a, b) for a, b in
+               zip(leaves(first.state.params["vae"]), leaves(init["vae"]))]
+  assert any(vae_moved)
+
+  second = train.train(tiny_vae(data_dir), workdir, devices=DEVICES)
+  assert second.step == 6
+  assert [h["step"] for h in second.history] == [4, 5, 6]
+  _, full = straight
+  assert_trees_equal(second.state.params, full.state.params)
+  assert_trees_equal(second.state.ema_params, full.state.ema_params)
+  assert_trees_equal(second.state.opt_state, full.state.opt_state)
+  # ... and once it started, the discriminator learns.
+  assert not all(np.array_equal(a, b) for a, b in
+                 zip(leaves(second.state.params["disc"]), leaves(init["disc"])))
+
+
+def test_eval_writes_psnr_ssim_and_grid(straight):
+  workdir, result = straight
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  evals = [r for r in records if "eval/psnr" in r]
+  assert [r["step"] for r in evals] == [6]
+  assert np.isfinite(evals[0]["eval/psnr"]) and 0 < evals[0]["eval/psnr"] < 100
+  assert -1 <= evals[0]["eval/ssim"] <= 1
+  from PIL import Image
+  grid = np.asarray(Image.open(os.path.join(workdir, "samples", "recon_step_6.png")))
+  assert grid.shape == (2 * 32, 4 * 32, 3)  # 4 = the per-process eval batch
+
+
+def test_exported_folder_loads_in_diffusers(straight, data_dir):
+  torch = pytest.importorskip("torch")
+  from diffusers import AutoencoderKL
+  workdir, result = straight
+  folder = os.path.join(workdir, "vae")
+  ref = AutoencoderKL.from_pretrained(folder).eval()
+  config = config_lib.validate(tiny_vae(data_dir), 2)
+  model = tasks.vae_model(config)
+  assert ref.config.latent_channels == 4
+  images = tasks.held_out_images(config)[:2]
+  ours, _ = model.apply({"params": jax.device_get(result.state.ema_params["vae"])}, images)
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(images).permute(0, 3, 1, 2), sample_posterior=False).sample
+  theirs = theirs.permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_data_is_images_from_the_shapes_pipeline(data_dir):
+  config = config_lib.validate(tiny_vae(data_dir), 2)
+  it = tasks.make_data(config)
+  first = next(it)
+  assert set(first) == {"image"} and first["image"].shape == (4, 32, 32, 3)
+  assert first["image"].min() >= -1 and first["image"].max() <= 1
+  state = it.get_state()
+  second = next(it)
+  again = tasks.make_data(config)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["image"], second["image"])
+  assert isinstance(it, pipeline.PipelineIterator)
+
+
+def test_unknown_task_is_a_config_error(data_dir):
+  config = tiny_vae(data_dir, task="gan")
+  with pytest.raises(config_lib.ConfigError, match="config.task"):
+    config_lib.validate(config, 2)
