@@ -5,10 +5,10 @@
 Commands are small functions registered with `@command`; each gets the loaded, locked
 config, the workdir and the remaining positional arguments, and returns an exit code:
 
-  @command("sample", "Text -> image grid from a workdir's latest EMA weights.")
-  def _sample(config, workdir, args):
-    from sd3jax import sample        # import inside: `sd3jax --help` stays fast
-    sample.run(config, workdir)
+  @command("steps", "Print the run's configured number of steps.")
+  def _steps(config, workdir, args):
+    from sd3jax import train         # heavy imports inside: `sd3jax --help` stays fast
+    print(config.total_steps)
     return 0
 
 Exit codes: 0 done; 2 bad command line or config (the message names the key and the
@@ -161,7 +161,7 @@ def _explain_flag_error(argv: Sequence[str], error: Exception) -> str:
 # Commands
 # ---------------------------------------------------------------------------
 
-@command("train", "Train (or resume) the MM-DiT of an experiment in --workdir.")
+@command("train", "Train (or resume) the experiment's model (MM-DiT or VAE) in --workdir.")
 def _train(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import train
   result = train.train(config, workdir)
@@ -170,6 +170,12 @@ def _train(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
                     result.step, train.EXIT_INTERRUPTED)
     return train.EXIT_INTERRUPTED
   return 0
+
+
+@command("precompute", "VAE moments + text embeddings of config.precompute.source -> records in --workdir.")
+def _precompute(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax.data import precompute
+  return precompute.precompute_main(config, workdir) or 0
 
 
 @command("sample", "Text -> PNGs + grid from --workdir's weights or a --pipeline DIR.",
