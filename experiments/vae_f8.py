@@ -21,7 +21,9 @@ The discriminator: AdamW(0.5, 0.9), same LR.
 
 Evaluation: every `eval` steps (and at the end) PSNR / SSIM of the EMA autoencoder on the
 first 64 validation images (posterior mode), in metrics.jsonl as eval/psnr, eval/ssim,
-and samples/recon_step_N.png. The final VAE is exported to WORKDIR/vae/ (diffusers).
+and samples/recon_step_N.png; eval/rfid (reconstruction FID) too when
+--config.eval.fid_network names a local feature network (sd3jax.evals.features). The
+final VAE is exported to WORKDIR/vae/ (diffusers).
 
 `arg` = "C[,key=value...]": C latent channels; keys steps, batch, lr, width, disc (the
 discriminator's start step), eval (eval period), data (the TFDS dir).
@@ -86,5 +88,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.checkpoint = ConfigDict(dict(every_steps=200, keep_last=2, keep_every=0, async_save=True))
   c.log = ConfigDict(dict(every_steps=20, progress_bar=False, tensorboard=False,
                           peak_tflops_per_device=0.0))
-  c.eval = ConfigDict(dict(every_steps=a["eval"]))
+  c.eval = ConfigDict(dict(every_steps=a["eval"], fid_network=""))  # "": no eval/rfid
   return c

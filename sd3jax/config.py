@@ -105,6 +105,7 @@ def defaults() -> ConfigDict:
       every_steps=0,           # 0: no evaluation during training
       batches=2,               # held-out examples = batches x batch_size (num_examples=0)
       fid_network="", clip_network="",  # sd3jax.evals feature networks ("" : skipped)
+      # fid_network also gives task="vae" its eval/rfid (originals vs reconstructions).
       path="",                 # held-out precomputed records ("" : synthetic, seed + 1)
       num_examples=0,          # held-out examples for the validation loss (0: see batches)
       num_timesteps=8,         # fixed t = (j + 1/2) / num_timesteps

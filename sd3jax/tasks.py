@@ -12,7 +12,8 @@ EMA, checkpoints, metrics and the non-finite guard are sd3jax.train's, shared. T
 - data: "image" batches of make_image_text_pipeline over a shapes TFDS build (built on
   the fly) or an ingested records folder; resumable like every trainer iterator;
 - eval: held-out PSNR / SSIM of the EMA weights (posterior mode) -> eval/psnr, eval/ssim,
-  and a grid samples/recon_step_N.png (originals above, reconstructions below);
+  and a grid samples/recon_step_N.png (originals above, reconstructions below); with
+  config.eval.fid_network set, also eval/rfid (reconstruction FID, sd3jax.evals.features);
 - finish: the EMA autoencoder exported as a diffusers AutoencoderKL folder WORKDIR/vae/.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sd3jax import optim
 from sd3jax import parallel
 from sd3jax import train
 from sd3jax import vae_losses
+from sd3jax.evals import features
 from sd3jax.models import vae as vae_lib
 
 IMAGE_KEYS = ("image",)
@@ -216,13 +218,33 @@ def save_grid(path: str, originals: np.ndarray, recons: np.ndarray) -> None:
   Image.fromarray(grid).save(path)
 
 
+def _unit_np(x: Any) -> np.ndarray:
+  """[-1, 1] -> float32 [0, 1] on the host: what a features.FeatureNetwork takes."""
+  return np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
 def make_reconstruction_eval(config: ConfigDict, model: vae_lib.AutoencoderKL, mesh: Mesh,
                              workdir: str) -> train.EvalFn:
-  """Held-out PSNR / SSIM of the EMA autoencoder (posterior mode) and a recon grid."""
+  """Held-out PSNR / SSIM of the EMA autoencoder (posterior mode) and a recon grid.
+
+  With config.eval.fid_network set (a features.FeatureNetwork, as for MM-DiT FID), also
+  rfid: the Frechet distance between that network's features of the held-out originals
+  and of their reconstructions. The originals' statistics are computed once, here; without
+  a network the key is absent.
+  """
   images = held_out_images(config)
   per_process = int(config.batch_size) // jax.process_count()
   rules = parallel.get_rules(config.sharding_rules)
   axes = train.batch_axes(rules)
+  fid_spec = config.eval.get("fid_network", "")
+  network = features.load_feature_network(fid_spec, "config.eval.fid_network")
+  reference = None
+  if network is not None:
+    reference = features.feature_stats(np.concatenate(
+        [np.asarray(network(_unit_np(images[i:i + per_process])), np.float64)
+         for i in range(0, len(images), per_process)]))
+    logging.info("rFID: feature network %s (config.eval.fid_network), %d-dim features of "
+                 "%d held-out images.", fid_spec, reference[0].shape[0], len(images))
 
   @jax.jit
   def metrics_of(params, x):
@@ -231,7 +253,7 @@ def make_reconstruction_eval(config: ConfigDict, model: vae_lib.AutoencoderKL, m
     return vae_losses.psnr(a, b), vae_losses.ssim(a, b), recon
 
   def evaluate(step: int, state: train.TrainState) -> dict[str, float]:
-    psnrs, ssims, first = [], [], None
+    psnrs, ssims, feats, first = [], [], [], None
     with jax.set_mesh(mesh):
       for i in range(0, len(images), per_process):
         chunk = images[i:i + per_process]
@@ -243,12 +265,19 @@ def make_reconstruction_eval(config: ConfigDict, model: vae_lib.AutoencoderKL, m
         p, s = np.asarray(jax.device_get(p))[:valid], np.asarray(jax.device_get(s))[:valid]
         psnrs.append(p)
         ssims.append(s)
+        if network is not None:
+          recon = np.asarray(jax.device_get(r))[:valid]
+          feats.append(np.asarray(network(_unit_np(recon)), np.float64))
         if first is None and jax.process_index() == 0:
           first = (chunk[:8], np.asarray(jax.device_get(r))[:8])
     if first is not None:
       save_grid(os.path.join(workdir, "samples", f"recon_step_{step}.png"), *first)
-    return {"psnr": float(np.mean(np.concatenate(psnrs))),
-            "ssim": float(np.mean(np.concatenate(ssims)))}
+    out = {"psnr": float(np.mean(np.concatenate(psnrs))),
+           "ssim": float(np.mean(np.concatenate(ssims)))}
+    if network is not None:
+      out["rfid"] = features.fid_from_stats(*features.feature_stats(np.concatenate(feats)),
+                                            *reference)
+    return out
   return evaluate
 
 

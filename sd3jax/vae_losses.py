@@ -169,8 +169,9 @@ def load_lpips_vgg16(path: str) -> Perceptual:
 
 
 def pooled_features(net: Perceptual | FeatureFn, images: jax.Array) -> jax.Array:
-  """(batch, C) spatial means of the deepest feature map: the vectors for a
-  reconstruction FID (`feature_statistics` + `frechet_distance`) with the same network."""
+  """(batch, C) spatial means of the deepest feature map of images in [-1, 1]: vectors for
+  a reconstruction FID with the LPIPS network, via sd3jax.evals.features.fid_from_features
+  (the package's one Frechet distance)."""
   return net(images)[-1].astype(jnp.float32).mean(axis=(1, 2))
 
 
@@ -422,23 +423,3 @@ def reconstruction_metrics(images: jax.Array, recon: jax.Array) -> dict[str, jax
   """Batch-mean PSNR and SSIM of images in [-1, 1], measured in [0, 1]."""
   a, b = to_unit(images), to_unit(recon)
   return {"psnr": psnr(a, b).mean(), "ssim": ssim(a, b).mean()}
-
-
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and covariance of (N, D) features (e.g. pooled perceptual features)."""
-  f = np.asarray(features, np.float64).reshape(len(features), -1)
-  return f.mean(0), np.cov(f, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
-  """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the FID formula, in float64.
-
-  tr((S1 S2)^(1/2)) is the sum of square roots of the eigenvalues of S1 S2, which are real
-  and non-negative for covariance matrices (numerical noise is clipped).
-  """
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-  eig = np.linalg.eigvals(s1 @ s2)
-  tr_sqrt = np.sqrt(np.clip(eig.real, 0.0, None)).sum()
-  return float(np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)

@@ -343,15 +343,18 @@ def test_ssim_identical_constant_and_noise_against_numpy():
     L.ssim(jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8, 3)))
 
 
-def test_frechet_distance():
+def test_frechet_distance_is_the_one_in_evals_features():
+  """The VAE's rFID uses sd3jax.evals.features; vae_losses keeps no second copy."""
+  from sd3jax.evals import features
+  assert not hasattr(L, "frechet_distance") and not hasattr(L, "feature_statistics")
   rs = np.random.RandomState(0)
   f = rs.randn(500, 6)
-  mu, sigma = L.feature_statistics(f)
+  mu, sigma = features.feature_stats(f)
   np.testing.assert_allclose(mu, f.mean(0))
-  assert abs(L.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+  assert abs(features.fid_from_stats(mu, sigma, mu, sigma)) < 1e-8
   # Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(s1) - sqrt(s2))^2.
   s1, s2 = rs.uniform(0.5, 2, 6), rs.uniform(0.5, 2, 6)
   m1, m2 = rs.randn(6), rs.randn(6)
   want = np.square(m1 - m2).sum() + np.square(np.sqrt(s1) - np.sqrt(s2)).sum()
-  np.testing.assert_allclose(L.frechet_distance(m1, np.diag(s1), m2, np.diag(s2)), want,
+  np.testing.assert_allclose(features.fid_from_stats(m1, np.diag(s1), m2, np.diag(s2)), want,
                              rtol=1e-9)

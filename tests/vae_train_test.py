@@ -1,11 +1,15 @@
 """The VAE task through the shared trainer: steps, resume, discriminator start, eval, export."""
+import importlib.util
 import json
 import os
+import textwrap
+import types
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import scipy.linalg
 
 from sd3jax import config as config_lib
 from sd3jax import tasks, train
@@ -52,11 +56,39 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("shapes"))
 
 
+# A tiny feature network for rFID, in the "file.py:factory" form features.py loads: a fixed
+# random projection of 8x8-average-pooled images to 4 dims (fewer than the 6 held-out
+# images, so the covariances are not singular).
+FEATURE_NET = textwrap.dedent("""
+    import numpy as np
+
+    def tiny_features():
+      w = np.random.RandomState(0).randn(4 * 4 * 3, 4) / 7.0
+      def net(images):  # [N, 32, 32, 3] in [0, 1] -> [N, 4]
+        x = np.asarray(images, np.float64)
+        pooled = x.reshape(len(x), 4, 8, 4, 8, 3).mean((2, 4)).reshape(len(x), -1)
+        return np.tanh((pooled - 0.5) @ w)
+      return net
+""")
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, data_dir):
-  """6 steps in one go."""
+def fid_network(tmp_path_factory):
+  """(spec for config.eval.fid_network, the same network loaded independently)."""
+  path = tmp_path_factory.mktemp("fid") / "nets.py"
+  path.write_text(FEATURE_NET)
+  spec = importlib.util.spec_from_file_location("_test_fid_nets", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return f"{path}:tiny_features", module.tiny_features()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir, fid_network):
+  """6 steps in one go, with an rFID feature network configured."""
   workdir = str(tmp_path_factory.mktemp("straight"))
-  return workdir, train.train(tiny_vae(data_dir), workdir, devices=DEVICES)
+  config = tiny_vae(data_dir, eval__fid_network=fid_network[0])
+  return workdir, train.train(config, workdir, devices=DEVICES)
 
 
 def test_steps_run_with_finite_metrics(straight):
@@ -140,6 +172,53 @@ def test_eval_writes_psnr_ssim_and_grid(straight):
   from PIL import Image
   grid = np.asarray(Image.open(os.path.join(workdir, "samples", "recon_step_6.png")))
   assert grid.shape == (2 * 32, 4 * 32, 3)  # 4 = the per-process eval batch
+
+
+def frechet_distance(a, b):
+  """The FID formula from scratch (float64, scipy sqrtm), independent of sd3jax."""
+  mu1, mu2 = a.mean(0), b.mean(0)
+  s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  covmean = scipy.linalg.sqrtm(s1 @ s2).real
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2.0 * covmean))
+
+
+def test_eval_rfid_matches_an_independent_frechet_distance(straight, data_dir, fid_network):
+  workdir, result = straight
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if "eval/psnr" in r]
+  rfid = evals[-1]["eval/rfid"]
+  assert np.isfinite(rfid) and rfid >= 0
+  config = config_lib.validate(tiny_vae(data_dir), 2)
+  images = tasks.held_out_images(config)
+  assert len(images) == 6
+  model = tasks.vae_model(config)
+  recon, _ = jax.jit(model.apply)({"params": result.state.ema_params["vae"]}, images)
+  unit = lambda x: np.clip((np.asarray(x, np.float64) + 1) / 2, 0, 1)
+  _, net = fid_network
+  want = frechet_distance(net(unit(images)), net(unit(recon)))
+  print(f"rfid {rfid:.6g}, independent {want:.6g}")
+  assert want > 1e-2  # an untrained-ish autoencoder: far from its originals
+  np.testing.assert_allclose(rfid, want, rtol=1e-3)
+
+
+class IdentityAutoencoder:
+  """Reconstructions = the originals."""
+
+  def apply(self, variables, x):
+    del variables
+    return x, None
+
+
+def test_rfid_is_zero_for_perfect_reconstructions_and_absent_unconfigured(
+    straight, data_dir, fid_network, tmp_path):
+  state = types.SimpleNamespace(ema_params={"vae": {}})
+  config = config_lib.validate(tiny_vae(data_dir, eval__fid_network=fid_network[0]), 2)
+  mesh = train.make_mesh(config, DEVICES)
+  out = tasks.make_reconstruction_eval(config, IdentityAutoencoder(), mesh, str(tmp_path))(0, state)
+  assert out["psnr"] == pytest.approx(100.0) and 0 <= out["rfid"] < 1e-3
+  config = config_lib.validate(tiny_vae(data_dir), 2)
+  out = tasks.make_reconstruction_eval(config, IdentityAutoencoder(), mesh, str(tmp_path))(0, state)
+  assert set(out) == {"psnr", "ssim"}  # absent, not 0 or NaN
 
 
 def test_exported_folder_loads_in_diffusers(straight, data_dir):
