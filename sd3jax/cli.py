@@ -172,6 +172,13 @@ def _train(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   return 0
 
 
+@command("run", "The experiment's whole job (data, VAE, precompute, MM-DiT, sample, "
+         "evaluate) in --workdir; reruns resume.")
+def _run(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax import job
+  return job.run_main(config, workdir)
+
+
 @command("precompute", "VAE moments + text embeddings of config.precompute.source -> records in --workdir.")
 def _precompute(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax.data import precompute

@@ -175,8 +175,11 @@ def _t5_weights(rng: np.random.Generator, vocab: int, width: int, layers: int, h
 def build_embedded_encoders(folder: str, words: Sequence[str], seed: int = 0, *,
                             clip_l_width: int = 64, clip_g_width: int = 128,
                             t5_width: int = 256, num_layers: int = 2, num_heads: int = 4,
-                            t5_model_max_length: int = 512) -> str:
+                            t5_model_max_length: int = 512, clip_max_length: int = 77) -> str:
   """Writes the three tiny random encoders + tokenizers into `folder`; returns `folder`.
+
+  `clip_max_length` is the CLIP token length (77 as released; fewer for short captions
+  on a CPU: the MM-DiT's context is clip_max_length + the T5 length).
 
   Deterministic in (words, seed, sizes): rebuilding gives identical files. Call it from
   one process (it writes files) and let the others wait for it.
@@ -192,8 +195,8 @@ def build_embedded_encoders(folder: str, words: Sequence[str], seed: int = 0, *,
   from transformers import CLIPTextConfig, T5Config  # Heavy; only needed to write configs.
 
   os.makedirs(folder, exist_ok=True)
-  toks = {"clip_l": clip_tokenizer(words, pad_with_eos=True),
-          "clip_g": clip_tokenizer(words, pad_with_eos=False),
+  toks = {"clip_l": clip_tokenizer(words, pad_with_eos=True, model_max_length=clip_max_length),
+          "clip_g": clip_tokenizer(words, pad_with_eos=False, model_max_length=clip_max_length),
           "t5": t5_tokenizer(words, model_max_length=t5_model_max_length)}
   for key, tok in toks.items():
     tok_dir = os.path.join(folder, LAYOUT[key][1])
@@ -213,11 +216,12 @@ def build_embedded_encoders(folder: str, words: Sequence[str], seed: int = 0, *,
     cfg = CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,
         projection_dim=width, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        max_position_embeddings=77, hidden_act=act, layer_norm_eps=1e-5,
+        max_position_embeddings=clip_max_length, hidden_act=act, layer_norm_eps=1e-5,
         pad_token_id=toks[key].pad_token_id, bos_token_id=toks[key].bos_token_id,
         eos_token_id=toks[key].eos_token_id)
     cfg.architectures = ["CLIPTextModelWithProjection"]
-    state = _clip_weights(np.random.default_rng([seed, index]), vocab, width, num_layers, 77)
+    state = _clip_weights(np.random.default_rng([seed, index]), vocab, width, num_layers,
+                          clip_max_length)
     save_state_dict(state, os.path.join(folder, LAYOUT[key][0]),
                     json.loads(cfg.to_json_string()), weights_name="model.safetensors")
 

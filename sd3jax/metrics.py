@@ -92,12 +92,18 @@ def _summary_writer_cls():
   return SummaryWriter
 
 
+_SKIP = object()
+
+
 def _scalar(v: Any) -> Any:
-  if isinstance(v, (np.ndarray, np.generic)) and np.ndim(v) == 0:
-    v = v.item()
+  """A JSON value for metrics.jsonl; _SKIP for what has none (arrays: histograms, images)."""
+  if isinstance(v, (np.ndarray, np.generic, jax.Array)) and np.ndim(v) == 0:
+    v = np.asarray(v).item()
   if isinstance(v, float) and not math.isfinite(v):
     return str(v)  # JSON has no NaN / inf
-  return v
+  if v is None or isinstance(v, (bool, int, float, str)):
+    return v
+  return _SKIP
 
 
 class MetricsWriter:
@@ -126,7 +132,8 @@ class MetricsWriter:
     """Logs scalars (and optional histograms) for `step`."""
     if not self.active:
       return
-    record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    values = {k: _scalar(v) for k, v in metrics.items()}
+    record = {"step": int(step), **{k: v for k, v in values.items() if v is not _SKIP}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -141,6 +148,12 @@ class MetricsWriter:
       self._bar.set_postfix(
           {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()})
     self._last_step = step
+
+  def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+    """A uint8 (H, W, 3) image to TensorBoard (e.g. a sample grid); nothing without it."""
+    if self.active and self._tb is not None:
+      self._tb.add_image(name, np.asarray(image, np.uint8), int(step), dataformats="HWC")
+      self._tb.flush()
 
   def write_text(self, name: str, text: str) -> None:
     if self.active and self._tb is not None:

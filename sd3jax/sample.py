@@ -309,11 +309,18 @@ def _slug(text: str, limit: int = 48) -> str:
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "image"
 
 
+def save_image(path: str, image: np.ndarray) -> str:
+  """Writes one (H, W, 3) image ([0, 1] floats or uint8) as a PNG, creating its folder."""
+  from PIL import Image  # Local: only needed when writing files.
+  image = np.asarray(image)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Image.fromarray(image if image.dtype == np.uint8 else to_uint8(image)).save(path)
+  return path
+
+
 def save_images(images: np.ndarray, out_dir: str, prompts: Sequence[str] | None = None, *,
                 cols: int | None = None, grid_name: str = "grid.png") -> list[str]:
   """Writes NNNN_<prompt>.png per image and a grid; returns the paths, the grid last."""
-  from PIL import Image  # Local: only needed when writing files.
-
   images = to_uint8(images)
   if prompts is not None:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -323,10 +330,8 @@ def save_images(images: np.ndarray, out_dir: str, prompts: Sequence[str] | None 
   paths = []
   for i, image in enumerate(images):
     name = f"{i:04d}" + (f"_{_slug(prompts[i])}" if prompts else "") + ".png"
-    paths.append(os.path.join(out_dir, name))
-    Image.fromarray(image).save(paths[-1])
-  paths.append(os.path.join(out_dir, grid_name))
-  Image.fromarray(make_grid(images, cols)).save(paths[-1])
+    paths.append(save_image(os.path.join(out_dir, name), image))
+  paths.append(save_image(os.path.join(out_dir, grid_name), make_grid(images, cols)))
   return paths
 
 
@@ -376,39 +381,72 @@ def load_run_params(config: Any, workdir: str, mesh: Mesh, *, step: int | None =
   return mmdit.MMDiT(cfg), ckpt_lib.load_weights(path, abstract, config, use_ema=use_ema)
 
 
-def pipeline_from_run(config: Any, workdir: str, *, step: int | None = None,
-                      use_ema: bool = True, shift: float | None = None, use_t5: bool = True,
-                      mesh: Mesh | None = None) -> Pipeline:
-  """A Pipeline of a run's weights + the VAE and text encoders its precompute used.
+@dataclasses.dataclass
+class RunComponents:
+  """The frozen parts of a run's Pipeline: its VAE and text encoders, loaded once."""
+  vae: AutoencoderKL
+  vae_params: Any
+  text_encoders: TextEncoders
+  text_encoder_folder: str
 
-  Those are config.precompute.vae (a diffusers AutoencoderKL folder) and
-  config.precompute.text_encoders (a folder in the SD3 pipeline layout): the model was
-  trained on their latents and embeddings, so they are the ones it samples with.
-  """
+
+def load_run_components(config: Any, mesh: Mesh, *, use_t5: bool = True) -> RunComponents:
+  """config.precompute.vae (a diffusers AutoencoderKL folder) and .text_encoders (a folder in
+  the SD3 pipeline layout): the model trained on their latents and embeddings, so it samples
+  with them. The VAE params are replicated over `mesh`."""
   from sd3jax import config as config_lib
   from sd3jax.interop.diffusers_vae import load_vae
   if not run_components_configured(config):
     raise ValueError("Sampling a run needs config.precompute.vae and "
                      "config.precompute.text_encoders (the folders its latents and embeddings "
                      "came from); set them, or sample an exported folder with --pipeline DIR.")
-  if mesh is None:
-    mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
-  model, params = load_run_params(config, workdir, mesh, step=step, use_ema=use_ema)
   vae, vparams = load_vae(_precompute_setting(config, "vae"))
-  vparams = jax.device_put(vparams, NamedSharding(mesh, P()))
-  if vae.config.latent_channels != model.cfg.in_channels:
+  in_channels = config_lib.model_config(config).in_channels
+  if vae.config.latent_channels != in_channels:
     raise ValueError(f"config.precompute.vae has {vae.config.latent_channels} latent channels "
-                     f"but config.model.in_channels={model.cfg.in_channels}.")
+                     f"but config.model.in_channels={in_channels}.")
   folder = _precompute_setting(config, "text_encoders")
   encoders = TextEncoders.from_pipeline_folder(
       folder, t5_length=int(config.conditioning.t5_tokens),
       use_t5=use_t5 and bool(_precompute_setting(config, "use_t5", True)),
       t5_width=int(config.conditioning.t5_dim), mesh=mesh, rules=config.sharding_rules)
-  shift = float(config.flow.shift if shift is None else shift)
-  return Pipeline(transformer=model, transformer_params=params, vae=vae, vae_params=vparams,
-                  text_encoders=encoders, shift=shift, formulation=config.flow.formulation,
-                  text_encoder_folder=os.path.abspath(folder), mesh=mesh,
+  return RunComponents(vae=vae, vae_params=jax.device_put(vparams, NamedSharding(mesh, P())),
+                       text_encoders=encoders, text_encoder_folder=os.path.abspath(folder))
+
+
+def pipeline_from_params(config: Any, model: mmdit.MMDiT, params: Any,
+                         components: RunComponents, mesh: Mesh, *,
+                         shift: float | None = None) -> Pipeline:
+  """A Pipeline of in-memory MM-DiT params (e.g. the EMA params during training) + the run's
+  components; no checkpoint is read. `shift` defaults to config.flow.shift."""
+  return Pipeline(transformer=model, transformer_params=params, vae=components.vae,
+                  vae_params=components.vae_params, text_encoders=components.text_encoders,
+                  shift=float(config.flow.shift if shift is None else shift),
+                  formulation=config.flow.formulation,
+                  text_encoder_folder=components.text_encoder_folder, mesh=mesh,
                   rules=config.sharding_rules)
+
+
+def with_transformer_params(pipeline: Pipeline, params: Any) -> Pipeline:
+  """`pipeline` with other MM-DiT weights (same shapes and shardings), keeping its compiled
+  sampling functions: what an eval every k steps needs so that it does not recompile."""
+  new = dataclasses.replace(pipeline, transformer_params=params)
+  new._cache.update({k: v for k, v in pipeline._cache.items()
+                     if not (isinstance(k, tuple) and k[0] == "params")})  # Old weights.
+  return new
+
+
+def pipeline_from_run(config: Any, workdir: str, *, step: int | None = None,
+                      use_ema: bool = True, shift: float | None = None, use_t5: bool = True,
+                      mesh: Mesh | None = None) -> Pipeline:
+  """A Pipeline of a run's checkpoint (latest or `step`) + its VAE and text encoders
+  (`load_run_components`)."""
+  from sd3jax import config as config_lib
+  if mesh is None:
+    mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
+  components = load_run_components(config, mesh, use_t5=use_t5)  # Checks the config first.
+  model, params = load_run_params(config, workdir, mesh, step=step, use_ema=use_ema)
+  return pipeline_from_params(config, model, params, components, mesh, shift=shift)
 
 
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
@@ -458,6 +496,8 @@ def export_main(config: Any, workdir: str, out: str, *, use_ema: bool = True,
   return save_pipeline(pipe, out, overwrite=overwrite)
 
 
-__all__ = ["Pipeline", "SAMPLERS", "export_main", "generate", "initial_noise", "latent_shape",
-           "load_run_params", "make_grid", "pipeline_from_run", "read_prompts", "run_config",
-           "sample_main", "save_images", "to_uint8"]
+__all__ = ["Pipeline", "RunComponents", "SAMPLERS", "export_main", "generate", "initial_noise",
+           "latent_shape", "load_run_components", "load_run_params", "make_grid",
+           "pipeline_from_params", "pipeline_from_run", "read_prompts", "run_config",
+           "run_components_configured", "sample_main", "save_image", "save_images", "to_uint8",
+           "with_transformer_params"]

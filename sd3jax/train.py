@@ -286,7 +286,7 @@ def grads_of(loss_fn: LossFn, microbatches: int, mesh: Mesh,
   return loss_and_grads
 
 
-def mmdit_task(config: ConfigDict, mesh: Mesh) -> Task:
+def mmdit_task(config: ConfigDict, mesh: Mesh, workdir: str = "") -> Task:
   """config.task = "mmdit": rectified-flow training of the MM-DiT on latents + text."""
   model = mmdit.MMDiT(config_lib.model_config(config))
   loss_and_grads = make_loss_and_grads(config, model, mesh)
@@ -296,16 +296,22 @@ def mmdit_task(config: ConfigDict, mesh: Mesh) -> Task:
     loss, g, t = loss_and_grads(params, batch, rng)
     return loss, g, {"t": t}
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def make_evals() -> list[EvalFn]:
+    from sd3jax.evals import run as eval_run
+    evals = [make_validation_loss(config, model, mesh)]
+    if eval_run.prompt_following_enabled(config):  # Else no way from latents to pixels.
+      evals.append(make_prompt_following(config, model, mesh, workdir))
+    return evals
   return Task(name="mmdit", init_params=mmdit_init_params(config, model, shards),
               loss_and_grads=grads, make_data=make_data,
               tx=optim.make_optimizer(config.optimizer), flops_per_step=flops_per_step(config),
-              make_evals=lambda: [make_validation_loss(config, model, mesh)],
-              histograms=("t",))
+              make_evals=make_evals, histograms=("t",))
 
 
 def make_task(config: ConfigDict, mesh: Mesh, workdir: str) -> Task:
   if config.task == "mmdit":
-    return mmdit_task(config, mesh)
+    return mmdit_task(config, mesh, workdir)
   if config.task == "vae":
     from sd3jax import tasks  # pylint: disable=g-import-not-at-top (tasks imports train)
     return tasks.vae_task(config, mesh, workdir)
@@ -420,7 +426,8 @@ def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Ca
 # Eval hook
 # =============================================================================================
 
-EvalFn = Callable[[int, TrainState], Mapping[str, float]]
+# (step, state) -> {name: scalar}; a uint8 (H, W, 3) array is an image (TensorBoard only).
+EvalFn = Callable[[int, TrainState], Mapping[str, Any]]
 
 
 def make_validation_loss(config: ConfigDict, model: nn.Module, mesh: Mesh) -> EvalFn:
@@ -434,16 +441,48 @@ def make_validation_loss(config: ConfigDict, model: nn.Module, mesh: Mesh) -> Ev
   return evaluate
 
 
+def make_prompt_following(config: ConfigDict, model: nn.Module, mesh: Mesh,
+                          workdir: str) -> EvalFn:
+  """Shapes prompt following of the EMA weights, as `sd3jax evaluate` measures it (same
+  prompts, sampler settings and seeds), and WORKDIR/samples/step_<N>.png: one row per
+  category, the same prompts at every step. The VAE and text encoders load once, here."""
+  from sd3jax import sample as sample_lib
+  from sd3jax.evals import run as eval_run
+  components = sample_lib.load_run_components(config, mesh)
+  pipe = sample_lib.pipeline_from_params(config, model, None, components, mesh)
+  cols = int(config.eval.get("prompts_per_category", 4))
+
+  def evaluate(step: int, state: TrainState) -> dict[str, Any]:
+    nonlocal pipe  # Carries the compiled sampler from one eval to the next.
+    pipe = sample_lib.with_transformer_params(pipe, state.ema_params)
+    specs, images = eval_run.eval_images(config, pipe)  # Sharded: every process samples.
+    grid = sample_lib.make_grid(sample_lib.to_uint8(images), cols=cols)
+    if jax.process_index() == 0:
+      sample_lib.save_image(os.path.join(workdir, "samples", f"step_{step}.png"), grid)
+    return {**eval_run.score_images(config, specs, images), "samples": grid}
+  return evaluate
+
+
+def _is_image(v: Any) -> bool:
+  return isinstance(v, np.ndarray) and v.ndim == 3 and v.dtype == np.uint8
+
+
 def run_evals(step: int, state: TrainState, eval_fns: Sequence[EvalFn], workdir: str,
-              writer: metrics_lib.MetricsWriter) -> dict[str, float]:
-  results: dict[str, float] = {}
+              writer: metrics_lib.MetricsWriter) -> dict[str, Any]:
+  """Runs the EvalFns; scalars go to eval/step_<N>.json and eval/<name> metrics, images to
+  TensorBoard's eval/<name>. Returns the scalars."""
+  results: dict[str, Any] = {}
   for fn in eval_fns:
     results.update(fn(step, state))
+  images = {k: v for k, v in results.items() if _is_image(v)}
+  results = {k: v for k, v in results.items() if k not in images}
   if results and jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
       json.dump({"step": step, **results}, f, indent=1)
     writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+  for k, image in images.items():
+    writer.write_image(step, f"eval/{k}", image)
   return results
 
 
@@ -583,8 +622,14 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
       if task.finish is not None and step == config.total_steps and not interrupted:
         task.finish(workdir, state)
   finally:
-    stop.restore()
-    ckpt.close()
-    writer.close()
+    try:  # waits for the last checkpoint; a signal meanwhile only sets the stop flag
+      ckpt.close()
+      writer.close()
+    finally:
+      # A signal after the last step still stops the caller (e.g. `sd3jax run`, which would
+      # otherwise go on to its next stage); the run itself is complete and saved. This
+      # process's flag only: no collective here, another process may be raising.
+      interrupted = interrupted or stop.signum is not None
+      stop.restore()
   return TrainResult(state=state, step=step, metrics=history[-1] if history else {},
                      history=history, interrupted=interrupted)

@@ -123,6 +123,70 @@ def test_training_writes_eval_metrics(run):
   assert os.listdir(os.path.join(run["workdir"], "tensorboard"))
 
 
+def _tensorboard_images(logdir: str) -> dict[str, list[tuple[int, tuple[int, int]]]]:
+  """{tag: [(step, (height, width))]} of the image summaries in the event files (TFRecords of
+  tensorboardX's Event protos: length, crc, data, crc)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out: dict = {}
+  for name in sorted(os.listdir(logdir)):
+    with open(os.path.join(logdir, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 16 + length
+      for value in event.summary.value:
+        if value.HasField("image"):
+          out.setdefault(value.tag, []).append(
+              (event.step, (value.image.height, value.image.width)))
+  return out
+
+
+def test_training_writes_prompt_following_and_sample_grids(run, monkeypatch):
+  """Every eval.every_steps: shapes scores (eval/shapes/...) and a sample grid, equal to what
+  `sd3jax evaluate` measures from the checkpoint of the same step."""
+  from PIL import Image
+  workdir = run["workdir"]
+  n = len(shapes.EVAL_CATEGORIES)  # prompts_per_category=1: one column, a row per category
+  grid = Image.open(os.path.join(workdir, "samples", "step_2.png"))
+  assert grid.size == (SIZE + 4, n * (SIZE + 2) + 2) and grid.mode == "RGB"
+  assert np.asarray(grid).std() > 1.0
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  trained = {k[len("eval/"):]: v for r in records if r["step"] == 2 and "eval/shapes/overall" in r
+             for k, v in r.items() if k.startswith("eval/shapes/")}
+  assert 0.0 <= trained["shapes/overall"] <= 1.0 and trained["shapes/n"] == n
+  assert not any("samples" in k for r in records for k in r)  # the grid is not a metric
+  with open(os.path.join(workdir, "eval", "step_2.json")) as f:
+    assert "shapes/overall" in json.load(f)
+  assert _tensorboard_images(os.path.join(workdir, "tensorboard")) == {
+      "eval/samples": [(2, (n * (SIZE + 2) + 2, SIZE + 4))]}
+  sampled = []  # A 2-step model scores 0 everywhere, so the pixels are compared too.
+  eval_images = eval_run.eval_images
+
+  def recording(*args):
+    sampled.append(eval_images(*args))
+    return sampled[-1]
+  monkeypatch.setattr(eval_run, "eval_images", recording)
+  standalone = eval_run.evaluate_checkpoint(run["config"], workdir, 2)  # same EMA weights, seeds
+  assert {k: v for k, v in standalone.items() if k.startswith("shapes/")} == trained
+  assert np.array_equal(np.asarray(grid), sample.make_grid(sample.to_uint8(sampled[0][1]), cols=1))
+
+
+def test_metrics_writer_skips_non_scalars(tmp_path):
+  from sd3jax import metrics as metrics_lib
+  writer = metrics_lib.MetricsWriter(str(tmp_path), total_steps=1, tensorboard=False,
+                                     progress_bar=False)
+  writer.write(1, {"a": np.float32(0.5), "n": 3, "grid": np.zeros((2, 2, 3), np.uint8),
+                   "nan": float("nan")})
+  writer.write_image(1, "grid", np.zeros((2, 2, 3), np.uint8))  # no TensorBoard: a no-op
+  writer.close()
+  assert metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) == [
+      {"step": 1, "a": 0.5, "n": 3, "nan": "nan"}]
+
+
 def test_evaluate_writes_step_json(run):
   results = eval_run.evaluate_main(None, run["workdir"], step=2)  # the config from config.json
   with open(os.path.join(run["workdir"], "eval", "step_2.json")) as f:

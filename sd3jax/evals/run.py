@@ -38,20 +38,37 @@ def eval_prompt_specs(config: ConfigDict) -> list[dict[str, Any]]:
   return [spec for cat in shapes.EVAL_CATEGORIES for spec in shapes.sample_eval_prompts(cat, k, seed)]
 
 
-def prompt_following(config: ConfigDict, pipe: sample_lib.Pipeline) -> dict[str, Any]:
-  """Shapes-checker scores (and the configured feature hooks) of generated images."""
-  from sd3jax.evals import shapes_checker
+def prompt_following_enabled(config: ConfigDict) -> bool:
+  """Shapes prompt following needs the run's VAE and text encoders, and prompts to score."""
+  return (sample_lib.run_components_configured(config)
+          and int(config.eval.get("prompts_per_category", 4)) > 0)
+
+
+def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline
+                ) -> tuple[list[dict[str, Any]], np.ndarray]:
+  """(eval_prompt_specs, images of them) sampled with config.eval's steps / cfg / shift / seed.
+
+  Standalone evaluation and the in-training eval both sample here, so their numbers agree.
+  """
   specs = eval_prompt_specs(config)
-  prompts = [s["prompt"] for s in specs]
   size = int(config.data.image_size)
   ev = config.eval
   images = sample_lib.generate(
-      pipe, prompts, height=size, width=size, steps=int(ev.get("sample_steps", 28)),
-      guidance_scale=float(ev.get("sample_cfg", 5.0)), shift=float(ev.get("sample_shift", 3.0)),
-      seed=int(ev.get("seed", 0)), progress=False)
+      pipe, [s["prompt"] for s in specs], height=size, width=size,
+      steps=int(ev.get("sample_steps", 28)), guidance_scale=float(ev.get("sample_cfg", 5.0)),
+      shift=float(ev.get("sample_shift", 3.0)), seed=int(ev.get("seed", 0)), progress=False)
+  return specs, images
+
+
+def score_images(config: ConfigDict, specs: Sequence[dict[str, Any]],
+                 images: np.ndarray) -> dict[str, Any]:
+  """Shapes-checker scores (and the configured feature hooks) of `eval_images`."""
+  from sd3jax.evals import shapes_checker
+  prompts = [s["prompt"] for s in specs]
+  size = int(config.data.image_size)
   out: dict[str, Any] = {f"shapes/{k}": v
                          for k, v in shapes_checker.score_images(images, specs).items()}
-  fid_net, clip_net = features.networks_from_config(ev)
+  fid_net, clip_net = features.networks_from_config(config.eval)
   reference = None
   if fid_net is not None:
     reference = np.stack([shapes_checker.render_prompt(s, seed=i, height=size, width=size)[0]
@@ -60,6 +77,11 @@ def prompt_following(config: ConfigDict, pipe: sample_lib.Pipeline) -> dict[str,
       "fid": features.compute_fid(fid_net, images, reference) if fid_net is not None else None,
       "clip_score": features.compute_clip_score(clip_net, images, prompts)}))
   return out
+
+
+def prompt_following(config: ConfigDict, pipe: sample_lib.Pipeline) -> dict[str, Any]:
+  """Shapes-checker scores (and the configured feature hooks) of generated images."""
+  return score_images(config, *eval_images(config, pipe))
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema: bool = True,
@@ -71,11 +93,12 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema:
   model, params = sample_lib.load_run_params(config, workdir, mesh, step=step, use_ema=use_ema)
   result: dict[str, Any] = {"step": int(step), "weights": "ema" if use_ema else "raw"}
   result.update(validation.ValidationLoss(config, model, mesh)(params))
-  if sample_lib.run_components_configured(config):
+  if prompt_following_enabled(config):
     pipe = sample_lib.pipeline_from_run(config, workdir, step=step, use_ema=use_ema, mesh=mesh)
     result.update(prompt_following(config, pipe))
   else:
-    logging.info("No config.precompute.vae / text_encoders: prompt following not measured.")
+    logging.info("No config.precompute.vae / text_encoders (or eval.prompts_per_category "
+                 "= 0): prompt following not measured.")
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", f"step_{int(step)}.json"), "w") as f:
@@ -112,5 +135,5 @@ def evaluate_main(config: ConfigDict | None, workdir: str, step: int | None = No
   return results
 
 
-__all__ = ["evaluate_checkpoint", "evaluate_main", "eval_prompt_specs", "prompt_following",
-           "checkpoint_steps"]
+__all__ = ["evaluate_checkpoint", "evaluate_main", "eval_images", "eval_prompt_specs",
+           "prompt_following", "score_images", "checkpoint_steps"]

@@ -1,0 +1,359 @@
+"""The main job: `sd3jax run --config experiments/shapes.py --workdir runs/shapes`.
+
+One command runs an experiment's stages in order; each writes WORKDIR/job/STAGE.json when
+it is done and is skipped on a rerun (a fingerprint of the settings it depends on must
+match, so a changed config never silently reuses stale outputs):
+
+  data        shapes TFDS build (WORKDIR/data), or the records folder in job.data
+  encoders    embedded stand-in text encoders (WORKDIR/encoders), unless
+              precompute.text_encoders names real ones
+  vae         trains the f8c16 autoencoder of job.vae (WORKDIR/vae), unless precompute.vae
+  precompute  latents + embeddings: WORKDIR/records/train and /validation
+  train       the MM-DiT (WORKDIR/mmdit: checkpoints, metrics.jsonl, TensorBoard, eval/)
+  sample      the grid of job.sample_prompts (WORKDIR/samples/grid.png)
+  evaluate    validation loss + prompt following of the final weights (WORKDIR/eval.json)
+
+The long stages resume where they stopped (trainer checkpoints, precompute shards), so
+Ctrl-C or SIGTERM at any point followed by the same command finishes the job without
+redoing finished work. Exit code 75 means "interrupted; rerun to continue".
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+from ml_collections import ConfigDict
+import numpy as np
+
+from sd3jax import config as config_lib
+
+EXIT_INTERRUPTED = 75
+STAGES = ("data", "encoders", "vae", "precompute", "train", "sample", "evaluate")
+# The config sections each stage reads (its fingerprint also covers every earlier stage).
+_DEPENDS = {
+    "data": ("job.data", "job.data_val", "job.shapes"),
+    "encoders": ("job.encoders", "precompute.text_encoders"),
+    "vae": ("job.vae", "precompute.vae"),
+    "precompute": ("precompute", "conditioning", "data.image_size", "data.vae_factor"),
+    "train": ("task", "seed", "total_steps", "batch_size", "microbatches", "init_from", "model",
+              "data", "flow", "optimizer", "schedule", "ema", "mesh", "sharding_rules"),
+    "sample": ("job.sample_prompts", "job.sample_steps", "job.sample_cfg", "job.sample_shift",
+               "job.sample_seed"),
+    "evaluate": ("eval", "job.ceiling_examples"),
+}
+
+
+class Interrupted(Exception):
+  """SIGTERM / SIGINT during a stage; everything finished so far is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+def _lookup(config: ConfigDict, dotted: str) -> Any:
+  node: Any = config
+  for part in dotted.split("."):
+    if not hasattr(node, "get") or part not in node:
+      return None
+    node = node[part]
+  return node.to_dict() if hasattr(node, "to_dict") else node
+
+
+def fingerprints(config: ConfigDict) -> dict[str, str]:
+  """Stage -> sha256 of the settings it and every stage before it depend on."""
+  out, running = {}, hashlib.sha256()
+  for stage in STAGES:
+    for key in _DEPENDS[stage]:
+      running.update(json.dumps([key, _lookup(config, key)], sort_keys=True, default=str).encode())
+    out[stage] = running.copy().hexdigest()[:16]
+  return out
+
+
+class Paths:
+  """Where each stage reads and writes, relative to the workdir."""
+
+  def __init__(self, workdir: str, config: ConfigDict):
+    self.workdir = workdir
+    self.job = os.path.join(workdir, "job")
+    self.data = config.job.data or os.path.join(workdir, "data")
+    self.data_val = config.job.get("data_val", "")
+    self.encoders = config.precompute.text_encoders or os.path.join(workdir, "encoders")
+    self.vae_run = os.path.join(workdir, "vae")
+    self.vae = config.precompute.vae or os.path.join(self.vae_run, "vae")
+    self.records = os.path.join(workdir, "records")
+    self.mmdit = os.path.join(workdir, "mmdit")
+    self.samples = os.path.join(workdir, "samples")
+    self.eval = os.path.join(workdir, "eval.json")
+    self.summary = os.path.join(workdir, "summary.json")
+
+  def marker(self, stage: str) -> str:
+    return os.path.join(self.job, f"{stage}.json")
+
+
+def _read_marker(paths: Paths, stage: str) -> dict[str, Any] | None:
+  path = paths.marker(stage)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+  """Written whole or not at all (temp file, then rename)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1, default=float)
+  os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+  """SIGTERM behaves as Ctrl-C outside the trainer (which handles both itself)."""
+  def handler(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  except KeyboardInterrupt as e:
+    raise Interrupted("SIGINT") from e
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage configs
+# ---------------------------------------------------------------------------------------------
+
+def mmdit_config(config: ConfigDict, paths: Paths) -> ConfigDict:
+  """The trainer's config: `config` with the job's paths filled in."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.data.path = os.path.join(paths.records, "train")
+    if not c.eval.path and (paths.data_val or not config.job.data):
+      c.eval.path = os.path.join(paths.records, "validation")
+    c.precompute.vae = paths.vae
+    c.precompute.text_encoders = paths.encoders
+    c.precompute.source = paths.data
+  return c
+
+
+def vae_config(config: ConfigDict, paths: Paths) -> ConfigDict:
+  c = copy.deepcopy(config.job.vae)
+  with c.unlocked():
+    c.data.path = paths.data
+    if config.job.data:  # real images: an ingested records folder
+      c.data.source = "records"
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: each returns a JSON-able record of what it made.
+# ---------------------------------------------------------------------------------------------
+
+def stage_data(config: ConfigDict, paths: Paths) -> dict[str, Any]:
+  if config.job.data:
+    if not os.path.isdir(config.job.data):
+      raise config_lib.ConfigError(f"config.job.data={config.job.data!r} does not exist; give "
+                                   "a records folder (sd3jax.data.ingest) or '' for shapes.")
+    return {"path": config.job.data, "built": False}
+  from sd3jax.data import shapes_tfds
+  s = config.job.shapes
+  shapes_tfds.build_shapes(paths.data, int(s.resolution), int(s.num_train), int(s.num_val),
+                           int(s.seed))
+  return {"path": paths.data, "num_train": int(s.num_train), "num_val": int(s.num_val)}
+
+
+def stage_encoders(config: ConfigDict, paths: Paths) -> dict[str, Any]:
+  if config.precompute.text_encoders:
+    return {"path": paths.encoders, "built": False}
+  from sd3jax.data import shapes
+  from sd3jax.embedded_encoders import build_embedded_encoders
+  e = config.job.encoders
+  build_embedded_encoders(paths.encoders, list(shapes.VOCABULARY), seed=int(e.seed),
+                          clip_l_width=int(e.clip_l_width), clip_g_width=int(e.clip_g_width),
+                          t5_width=int(e.t5_width), clip_max_length=int(e.clip_max_length))
+  return {"path": paths.encoders, "built": True}
+
+
+def stage_vae(config: ConfigDict, paths: Paths) -> dict[str, Any]:
+  if config.precompute.vae:
+    return {"path": paths.vae, "trained": False}
+  from sd3jax import train
+  result = train.train(vae_config(config, paths), paths.vae_run)
+  if result.interrupted:
+    raise Interrupted(f"vae training stopped at step {result.step}")
+  evals = sorted(f for f in os.listdir(os.path.join(paths.vae_run, "eval"))
+                 if f.endswith(".json")) if os.path.isdir(os.path.join(paths.vae_run, "eval")) else []
+  metrics = {}
+  if evals:
+    with open(os.path.join(paths.vae_run, "eval", evals[-1])) as f:
+      metrics = json.load(f)
+  return {"path": paths.vae, "trained": True, "steps": result.step,
+          **{k: v for k, v in metrics.items() if k in ("psnr", "ssim", "rfid")}}
+
+
+def stage_precompute(config: ConfigDict, paths: Paths) -> dict[str, Any]:
+  from sd3jax.data import precompute
+  out = {}
+  val_source = config.job.get("data_val", "")
+  for split in ("train", "validation"):
+    c = copy.deepcopy(mmdit_config(config, paths))
+    with c.unlocked():
+      c.precompute.split = split
+      if config.job.data:  # records folders have no splits: job.data_val is the held-out set
+        c.precompute.source = config.job.data if split == "train" else val_source
+    if not c.precompute.source:
+      logging.warning("No job.data_val: the validation loss falls back to synthetic batches.")
+      continue
+    precompute.precompute_main(c, os.path.join(paths.records, split))
+    out[split] = os.path.join(paths.records, split)
+  return out
+
+
+def stage_train(config: ConfigDict, paths: Paths) -> dict[str, Any]:
+  from sd3jax import train
+  result = train.train(mmdit_config(config, paths), paths.mmdit)
+  if result.interrupted:
+    raise Interrupted(f"MM-DiT training stopped at step {result.step}")
+  return {"path": paths.mmdit, "steps": result.step,
+          "final_loss": result.metrics.get("loss")}
+
+
+def stage_sample(config: ConfigDict, paths: Paths) -> dict[str, Any]:
+  from sd3jax import sample
+  c = mmdit_config(config, paths)
+  pipe = sample.pipeline_from_run(sample.run_config(c, None), paths.mmdit)
+  prompts = list(config.job.sample_prompts)
+  size = int(config.data.image_size)
+  images = sample.generate(pipe, prompts, height=size, width=size,
+                           steps=int(config.job.sample_steps),
+                           guidance_scale=float(config.job.sample_cfg),
+                           shift=float(config.job.sample_shift), seed=int(config.job.sample_seed))
+  written = sample.save_images(images, paths.samples, prompts, cols=4)
+  return {"grid": written[-1], "images": len(written) - 1}
+
+
+def vae_ceiling(config: ConfigDict, paths: Paths) -> dict[str, float]:
+  """The checker on VAE round trips of ground-truth renders of the eval prompts: the best
+  score any MM-DiT on these latents can reach (and on the renders themselves)."""
+  import jax
+  from sd3jax.evals import run as eval_run
+  from sd3jax.evals import shapes_checker
+  from sd3jax.interop import diffusers_vae
+  specs = eval_run.eval_prompt_specs(config)[:int(config.job.ceiling_examples)]
+  size = int(config.data.image_size)
+  truth = np.stack([shapes_checker.render_prompt(s, seed=i, height=size, width=size)[0]
+                    for i, s in enumerate(specs)])
+  model, params = diffusers_vae.load_vae(paths.vae)
+  x = truth.astype(np.float32) / 127.5 - 1.0
+  recon, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)  # posterior mode
+  recon = np.clip((np.asarray(recon) + 1.0) / 2.0, 0.0, 1.0)
+  through_vae = shapes_checker.score_images(recon, specs)
+  return {"truth_overall": shapes_checker.score_images(truth, specs)["overall"],
+          **{f"vae_{k}": v for k, v in through_vae.items()
+             if k == "overall" or (k.startswith("attribute_"))}}
+
+
+def stage_evaluate(config: ConfigDict, paths: Paths) -> dict[str, Any]:
+  from sd3jax import sample
+  from sd3jax.evals import run as eval_run
+  c = sample.run_config(mmdit_config(config, paths), None)
+  step = eval_run.checkpoint_steps(paths.mmdit)[-1]
+  result = eval_run.evaluate_checkpoint(c, paths.mmdit, step)
+  if int(config.job.get("ceiling_examples", 0)) > 0 and not config.job.data:
+    result["ceiling"] = vae_ceiling(c, paths)
+  _write_json(paths.eval, result)
+  return {"path": paths.eval, "step": step}
+
+
+STAGE_FNS: dict[str, Callable[[ConfigDict, Paths], dict[str, Any]]] = {
+    "data": stage_data, "encoders": stage_encoders, "vae": stage_vae,
+    "precompute": stage_precompute, "train": stage_train, "sample": stage_sample,
+    "evaluate": stage_evaluate}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def summary(paths: Paths, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """What the job made, in one place (also WORKDIR/summary.json)."""
+  out: dict[str, Any] = {"seconds": {s: r.get("seconds") for s, r in records.items()}}
+  out["seconds"]["total"] = float(sum(v or 0.0 for v in out["seconds"].values()))
+  if os.path.exists(paths.eval):
+    with open(paths.eval) as f:
+      ev = json.load(f)
+    out["val_loss"] = ev.get("val_loss")
+    out["shapes"] = {k.removeprefix("shapes/"): v for k, v in ev.items()
+                     if k.startswith("shapes/") and not k.startswith("shapes/n")}
+    out["ceiling"] = ev.get("ceiling")
+  out["grid"] = records.get("sample", {}).get("grid")
+  out["eval"] = paths.eval
+  return out
+
+
+def print_summary(s: dict[str, Any]) -> None:
+  secs = s["seconds"]
+  print("\nsd3jax run: done")
+  print("  time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if v is not None))
+  if s.get("val_loss") is not None:
+    print(f"  validation loss (8 fixed t): {s['val_loss']:.4f}")
+  if s.get("shapes"):
+    print("  prompt following: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["shapes"].items())))
+  if s.get("ceiling"):
+    c = s["ceiling"]
+    print(f"  checker ceiling: ground truth {c['truth_overall']:.2f}, through the VAE "
+          f"{c['vae_overall']:.2f} (" + ", ".join(
+              f"{k[4:]} {v:.2f}" for k, v in c.items() if k.startswith("vae_attr")) + ")")
+  print(f"  grid: {s.get('grid')}\n  scores: {s.get('eval')}")
+
+
+def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] = STAGES) -> int:
+  """Runs (or finishes) the job in `workdir`; returns the exit code."""
+  if "job" not in config:
+    raise config_lib.ConfigError("sd3jax run needs an experiment with a `job` section, e.g. "
+                                 "experiments/shapes.py; `sd3jax train` runs a single model.")
+  paths = Paths(workdir, config)
+  prints = fingerprints(config)
+  records: dict[str, dict[str, Any]] = {}
+  for stage in stages:
+    done = _read_marker(paths, stage)
+    if done is not None:
+      if done.get("fingerprint") != prints[stage]:
+        raise config_lib.ConfigError(
+            f"{workdir} finished stage {stage!r} with other settings ({_DEPENDS[stage]} or an "
+            f"earlier stage's changed). Use a new --workdir, or delete {paths.marker(stage)} and "
+            "the markers after it to redo those stages.")
+      logging.info("stage %s: done earlier (%s), skipped.", stage, paths.marker(stage))
+      print(f"[{stage}] done earlier, skipped")
+      records[stage] = done
+      continue
+    print(f"[{stage}] running")
+    start = time.perf_counter()
+    try:
+      with _interruptible():
+        record = STAGE_FNS[stage](config, paths)
+    except Interrupted as e:
+      print(f"[{stage}] interrupted ({e}); finished stages and checkpoints are kept. Rerun the "
+            "same command to continue.")
+      return EXIT_INTERRUPTED
+    record.update(stage=stage, fingerprint=prints[stage],
+                  seconds=time.perf_counter() - start, finished=time.time())
+    # Wall time over all attempts of a stage that was interrupted and resumed is not
+    # tracked; `seconds` is the attempt that finished it.
+    _write_json(paths.marker(stage), record)
+    records[stage] = record
+    print(f"[{stage}] done in {record['seconds']:.0f} s")
+  s = summary(paths, records)
+  _write_json(paths.summary, s)
+  print_summary(s)
+  return 0

@@ -1,0 +1,130 @@
+"""The main job (`sd3jax run`): the README's command with the shortened `smoke` experiment,
+interrupted with SIGTERM in the middle of MM-DiT training and rerun to completion.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from ml_collections import ConfigDict
+
+from sd3jax import config as config_lib
+from sd3jax import job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "experiments", "shapes.py") + ":smoke"
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "sd3jax.cli", "run", "--config", SMOKE, "--workdir",
+          str(workdir), *extra]
+
+
+def _env():
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as on the command line
+  return env
+
+
+def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
+  workdir = tmp_path / "job"
+  log_path = tmp_path / "first.log"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(_cmd(workdir), stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                            cwd=ROOT)
+    metrics = workdir / "mmdit" / "metrics.jsonl"
+    deadline = time.time() + 900
+    # Wait until MM-DiT training has logged a step, then stop the job.
+    while time.time() < deadline and proc.poll() is None:
+      if metrics.exists() and metrics.read_text().strip():
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, log_path.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == job.EXIT_INTERRUPTED, log_path.read_text()[-3000:]
+  first = log_path.read_text()
+  assert "[train] interrupted" in first
+  for stage in ("data", "encoders", "vae", "precompute"):
+    assert (workdir / "job" / f"{stage}.json").exists()
+  assert not (workdir / "job" / "train.json").exists()
+  stopped_at = max(int(n) for n in os.listdir(workdir / "mmdit" / "checkpoints") if n.isdigit())
+  assert 0 < stopped_at <= 30  # 30: the signal came during the final save, kept whole
+
+  proc = subprocess.run(_cmd(workdir), capture_output=True, text=True, env=_env(), cwd=ROOT,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for stage in ("data", "encoders", "vae", "precompute"):
+    assert f"[{stage}] done earlier, skipped" in proc.stdout
+  assert f"starting at step {stopped_at}" in proc.stderr  # resumed, not restarted
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert os.path.exists(summary["grid"])
+  assert summary["val_loss"] > 0 and 0.0 <= summary["shapes"]["overall"] <= 1.0
+  assert summary["ceiling"]["truth_overall"] >= 0.98  # the checker on ground truth
+  ev = json.loads((workdir / "eval.json").read_text())
+  assert ev["step"] == 30 and len(ev["per_t"]) == 8
+  records = json.loads((workdir / "job" / "train.json").read_text())
+  assert records["steps"] == 30
+
+  # A third run does nothing; a changed setting is refused, naming the stage.
+  again = subprocess.run(_cmd(workdir), capture_output=True, text=True, env=_env(), cwd=ROOT)
+  assert again.returncode == 0 and "[evaluate] done earlier, skipped" in again.stdout
+  changed = subprocess.run(_cmd(workdir, "--config.job.shapes.num_train=300"),
+                           capture_output=True, text=True, env=_env(), cwd=ROOT)
+  assert changed.returncode == 2
+  assert "finished stage 'data' with other settings" in changed.stderr
+
+
+def test_sigterm_outside_training_exits_75_and_keeps_finished_stages(tmp_path, monkeypatch):
+  done = []
+
+  def finished(config, paths):
+    done.append(True)
+    return {}
+
+  def killed(config, paths):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler interrupts this
+    raise AssertionError("SIGTERM did not interrupt the stage")
+  monkeypatch.setitem(job.STAGE_FNS, "data", finished)
+  monkeypatch.setitem(job.STAGE_FNS, "encoders", killed)
+  config = config_lib.load(SMOKE)
+  assert job.run_main(config, str(tmp_path)) == job.EXIT_INTERRUPTED
+  assert (tmp_path / "job" / "data.json").exists()
+  assert not (tmp_path / "job" / "encoders.json").exists()
+  assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
+  monkeypatch.setitem(job.STAGE_FNS, "encoders", finished)
+  assert job.run_main(config, str(tmp_path), stages=("data", "encoders")) == 0
+  assert done == [True, True]  # data ran once, encoders once (after the interruption)
+
+
+def test_run_needs_a_job_section(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="`job` section"):
+    job.run_main(ConfigDict({"task": "mmdit"}), str(tmp_path))
+
+
+def test_fingerprints_cover_upstream_stages():
+  config = config_lib.load(SMOKE)
+  base = job.fingerprints(config)
+  with config.unlocked():
+    config.job.vae.total_steps = 21
+  changed = job.fingerprints(config)
+  assert [s for s in job.STAGES if base[s] != changed[s]] == list(job.STAGES[2:])
+
+
+@pytest.mark.parametrize("experiment,params", [("sd3_medium.py:256", 2_028_328_000),
+                                               ("sd35_large.py:1024", 8_056_627_520)])
+def test_real_scale_experiments_validate_for_a_v5p_slice(experiment, params):
+  """The lab-scale files load, pass validation for 64 chips, and build the released sizes."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from sd3jax.models import mmdit
+  config = config_lib.validate(config_lib.load(os.path.join(ROOT, "experiments", experiment)),
+                               num_devices=64)
+  cfg = config_lib.model_config(config)
+  shapes = jax.eval_shape(lambda r: mmdit.init_params(cfg, r), jax.random.key(0))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes))) == params
+  assert config.model.remat_policy == "full" and config.sharding_rules == "fsdp"
