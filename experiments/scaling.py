@@ -178,5 +178,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
                                  async_save=True))
   c.log = ConfigDict(dict(every_steps=a["log_every"], progress_bar=a["preset"] == "paper",
                           tensorboard=True, peak_tflops_per_device=0.0))
-  c.eval = ConfigDict(dict(every_steps=a["eval_every"], batches=a["eval_batches"]))
+  c.eval = ConfigDict(dict(every_steps=a["eval_every"], batches=a["eval_batches"],
+                           path=""))  # held-out precomputed records ("": synthetic, seed + 1)
   return c
