@@ -191,11 +191,9 @@ def stage_vae(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   result = train.train(vae_config(config, paths), paths.vae_run)
   if result.interrupted:
     raise Interrupted(f"vae training stopped at step {result.step}")
-  evals = sorted(f for f in os.listdir(os.path.join(paths.vae_run, "eval"))
-                 if f.endswith(".json")) if os.path.isdir(os.path.join(paths.vae_run, "eval")) else []
-  metrics = {}
-  if evals:
-    with open(os.path.join(paths.vae_run, "eval", evals[-1])) as f:
+  metrics, final = {}, os.path.join(paths.vae_run, "eval", f"step_{result.step}.json")
+  if os.path.exists(final):  # the trainer evaluates at the last step
+    with open(final) as f:
       metrics = json.load(f)
   return {"path": paths.vae, "trained": True, "steps": result.step,
           **{k: v for k, v in metrics.items() if k in ("psnr", "ssim", "rfid")}}
@@ -206,7 +204,7 @@ def stage_precompute(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   out = {}
   val_source = config.job.get("data_val", "")
   for split in ("train", "validation"):
-    c = copy.deepcopy(mmdit_config(config, paths))
+    c = mmdit_config(config, paths)  # a copy
     with c.unlocked():
       c.precompute.split = split
       if config.job.data:  # records folders have no splits: job.data_val is the held-out set
