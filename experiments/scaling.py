@@ -142,7 +142,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
       pos_embed_max_size=192 if a["preset"] == "paper" else 3 * side,
       sample_size=128 if a["preset"] == "paper" else latent,
       qk_norm=a["qk_norm"], dual_attention_layers=(), dtype=a["dtype"],
-      scan_layers=True, remat_policy="none", attention_impl="einsum",
+      # CPU: unrolled layers (depth <= 4 compiles fast; measured 4% faster than a scan) and
+      # the hand-written-backward attention. Accelerators: one scanned segment (compile time
+      # flat in depth) and XLA's attention.
+      scan_layers=a["preset"] == "paper", remat_policy="none",
+      attention_impl="xla" if a["preset"] == "paper" else "einsum",
   ))
 
   # Data: the same stream for every depth.

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd3jax.models.layers import Dense, LayerNorm, RMSNorm, logical
+from sd3jax.models.attention import softmax_attention
+from sd3jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, logical
 
 REMAT_POLICIES = {
     "none": None,
@@ -169,11 +170,7 @@ class MLPEmbedder(nn.Module):
 def attention(q, k, v, impl: str):
   """Softmax attention over (B, T, heads, head_dim), all tokens attend to all."""
   if impl == "einsum":
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                        preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return softmax_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
@@ -202,7 +199,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     h = Dense(4 * self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
-    h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("act_batch", "act_len", "act_mlp"))
+    h = nn.with_logical_constraint(gelu_tanh(h), ("act_batch", "act_len", "act_mlp"))
     return Dense(self.hidden, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 
