@@ -330,21 +330,16 @@ def make_train_step(config: ConfigDict, task: Task, schedule: optim.Schedule):
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     lr = schedule(state.step)
+    opt_state = optim.with_learning_rate(state.opt_state, lr)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optim.ema_update(state.ema_params, params, state.step + 1, ema_decay, ema_every)
 
-    def update(_):
-      opt_state = optim.with_learning_rate(state.opt_state, lr)
-      updates, opt_state = tx.update(grads, opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      ema = optim.ema_update(state.ema_params, params, state.step + 1, ema_decay, ema_every)
-      return params, opt_state, ema
-
-    # A non-finite step keeps the old state. A cond, not a select of new against old: a select
-    # needs both copies alive at once, so XLA copies the whole state every step.
-    params, opt_state, ema = jax.lax.cond(
-        finite, update, lambda _: (state.params, state.opt_state, state.ema_params), None)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     new_state = TrainState(
-        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+        step=state.step + 1, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
         rng=state.rng, nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         nonfinite_streak=streak.astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
