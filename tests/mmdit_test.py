@@ -72,7 +72,6 @@ def test_parity_with_diffusers(reference, scan):
       assert np.abs(got - want).max() <= 1e-4
 
 
-
 def test_gradients_match_diffusers(reference):
   """The hand-written backward passes (attention, norms, GELU) against torch autograd."""
   ref_model, folder = reference

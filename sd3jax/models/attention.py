@@ -20,9 +20,12 @@ import jax
 import jax.numpy as jnp
 
 
+def _scale(q: jax.Array) -> jax.Array:
+  return jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+
+
 def _logits(q: jax.Array, k: jax.Array) -> jax.Array:
-  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-  return jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+  return jnp.einsum("bqhd,bkhd->bhqk", q * _scale(q), k, preferred_element_type=jnp.float32)
 
 
 def _forward(q, k, v):
@@ -53,9 +56,8 @@ def _bwd(res, d_out):
   d_probs = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   d_logits = (probs * (d_probs - delta[..., None])).astype(q.dtype)
-  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-  d_q = jnp.einsum("bhqk,bkhd->bqhd", d_logits, k) * scale
-  d_k = jnp.einsum("bhqk,bqhd->bkhd", d_logits, q) * scale
+  d_q = jnp.einsum("bhqk,bkhd->bqhd", d_logits, k) * _scale(q)
+  d_k = jnp.einsum("bhqk,bqhd->bkhd", d_logits, q) * _scale(q)
   return d_q, d_k, d_v
 
 

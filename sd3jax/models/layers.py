@@ -61,7 +61,11 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
   Same values as `jax.nn.gelu(x, approximate=True)`; the derivative is written out so the
   backward pass is one elementwise op on the saved input.
   """
-  return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+  return 0.5 * x * (1.0 + _gelu_tanh_term(x))
+
+
+def _gelu_tanh_term(x):
+  return jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
 
 
 def _gelu_fwd(x):
@@ -69,7 +73,7 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(x, g):
-  t = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+  t = _gelu_tanh_term(x)
   dt = (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
   return (g * (0.5 * (1.0 + t) + 0.5 * x * dt),)
 
