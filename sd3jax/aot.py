@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-GiB = 1 << 30
+from sd3jax import chips
+
+GiB = chips.GiB
 
 # The libtpu that jax[tpu] pins for the installed jax (jax 0.10.2: libtpu==0.0.42.*).
 _LIBTPU_FALLBACK = "libtpu==0.0.42.1"
@@ -61,40 +63,8 @@ def libtpu_requirement() -> str:
 # Chips
 # ---------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """One jax device: HBM, dense bf16 peak and HBM bandwidth (TPU v4/v5p: one megacore chip)."""
-  name: str
-  hbm_bytes: int
-  peak_flops: float         # dense bf16 FLOP/s
-  hbm_bandwidth: float      # bytes/s
-  device_kinds: tuple[str, ...]
-
-
-# Public spec sheets. TPU: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("System architecture"
-# tables: HBM capacity, HBM bandwidth, peak bf16 compute per chip). GPU: NVIDIA A100 / H100 /
-# H200 datasheets, SXM form factor, dense (not 2:4 sparse) bf16 Tensor Core FLOP/s.
-# XLA's own "available HBM" when compiling for these TPUs (from its out-of-memory message):
-# v4 30.75G, v5e 15.75G, v5p 95.74G, v6e 31.25G.
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1.2e12, ("TPU v4",)),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 0.82e12, ("TPU v5 lite", "TPU v5e")),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2.76e12, ("TPU v5", "TPU v5p")),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1.64e12, ("TPU v6 lite", "TPU v6e")),
-    "a100": Chip("A100 80GB SXM", 80 * GiB, 312e12, 2.0e12, ("A100",)),
-    "h100": Chip("H100 80GB SXM", 80 * GiB, 989e12, 3.35e12, ("H100",)),
-    "h200": Chip("H200 141GB SXM", 141 * 10**9, 989e12, 4.8e12, ("H200",)),
-}
-
-
-def chip_for(device_or_kind: jax.Device | str) -> Chip | None:
-  """The CHIPS entry for a device (or its `device_kind`); None when unknown."""
-  kind = getattr(device_or_kind, "device_kind", device_or_kind)
-  for chip in CHIPS.values():
-    for k in chip.device_kinds:
-      if (kind == k) if k.startswith("TPU") else (k in kind and "PCIe" not in kind):
-        return chip
-  return None
+# One table for the trainer's MFU and these estimates: sd3jax/chips.py.
+Chip, CHIPS, chip_for = chips.Chip, chips.CHIPS, chips.chip_for
 
 
 def _get_chip(chip: str | Chip | None, devices: Sequence[jax.Device]) -> Chip | None:

@@ -17,32 +17,12 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-# Dense bf16 peak TFLOP/s per device (one chip; for GPUs one SXM card).
-PEAK_BF16_TFLOPS = {
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,   # v5e
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,        # v5p reports "TPU v5"
-    "TPU v6 lite": 918.0,   # v6e (Trillium)
-    "TPU v6e": 918.0,
-    "A100": 312.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "H200": 989.0,
-}
-
+from sd3jax import chips
 
 def peak_tflops(device_kind: str) -> float | None:
-  """The table's entry for a `jax.Device.device_kind`, longest matching name first."""
-  kind = device_kind.replace("NVIDIA ", "")
-  for name in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-    if name.startswith("TPU"):
-      if kind == name or kind.startswith(name + " ") or kind == name.replace(" ", ""):
-        return PEAK_BF16_TFLOPS[name]
-    elif name in kind:
-      return PEAK_BF16_TFLOPS[name]
-  return None
+  """Dense bf16 peak TFLOP/s of one device of this kind (sd3jax.chips); None when unknown."""
+  chip = chips.chip_for(device_kind)
+  return chip.peak_flops / 1e12 if chip is not None else None
 
 
 class Throughput:
@@ -107,7 +87,8 @@ def _scalar(v: Any) -> Any:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to metrics.jsonl; mirrors to TensorBoard and tqdm.
+  """Appends one JSON object per logged step to metrics.jsonl ({"step", "time", ...}); mirrors
+  to TensorBoard and tqdm.
 
   Only process 0 writes; on other processes every method is a no-op.
   """
@@ -133,12 +114,14 @@ class MetricsWriter:
     if not self.active:
       return
     values = {k: _scalar(v) for k, v in metrics.items()}
-    record = {"step": int(step), **{k: v for k, v in values.items() if v is not _SKIP}}
+    # "time" (unix seconds) lets a reader put any metric on a wall-clock axis.
+    record = {"step": int(step), "time": round(time.time(), 3),
+              **{k: v for k, v in values.items() if v is not _SKIP}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
       for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)):
+        if k not in ("step", "time") and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, step)
       for k, v in (histograms or {}).items():
         self._tb.add_histogram(k, np.asarray(v), step)
