@@ -18,6 +18,7 @@ EMA, checkpoints, metrics and the non-finite guard are sd3jax.train's, shared. T
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Iterator, Mapping
 
@@ -47,8 +48,48 @@ IMAGE_KEYS = ("image",)
 def vae_model(config: ConfigDict) -> vae_lib.AutoencoderKL:
   v = config.vae
   cfg = vae_lib.vae_config(int(v.latent_channels), int(v.width), int(v.layers_per_block),
-                           sample_size=int(config.data.image_size))
+                           norm_num_groups=int(v.get("norm_groups", 0)) or None,
+                           sample_size=int(config.data.image_size),
+                           channel_mult=tuple(v.get("channel_mult", (1, 2, 4, 4))))
   return vae_lib.AutoencoderKL(cfg, dtype=jnp.dtype(v.dtype), remat=bool(v.remat))
+
+
+def zero_residual_branches(params: Any) -> Any:
+  """The last conv of every ResNet block and the attention's output projection set to zero.
+
+  Every residual block then starts as the identity, so the autoencoder starts as a short,
+  almost linear network (convs in / out, resampling convs) that learns colours and layout in
+  a few hundred steps; the blocks grow in from there (the zero-init of guided-diffusion's
+  U-Net and of "Fixup"). From diffusers' torch init the same network first spends hundreds
+  of steps on grey blobs (measured: see experiments/shapes.py).
+  """
+  def visit(tree, name=""):
+    if not isinstance(tree, Mapping):
+      return tree
+    out = {}
+    for k, v in tree.items():
+      if k in ("conv2", "to_out_0") and isinstance(v, Mapping):
+        out[k] = jax.tree.map(jnp.zeros_like, v)
+      else:
+        out[k] = visit(v, k)
+    return out
+  return visit(params)
+
+
+def with_initial_logvar(params: Any, logvar: float) -> Any:
+  """The encoder's log-variance outputs start at `logvar` (its conv_out bias, second half).
+
+  diffusers' init starts the posterior at std 1, which buries a fresh encoder's small means
+  in noise until the bias has walked down (Adam moves it ~lr per step); SD3-class VAEs end
+  near std 0.05 anyway, so starting there skips that walk.
+  """
+  conv_out = params["encoder"]["conv_out"]
+  bias = conv_out["bias"]
+  value = getattr(bias, "value", bias)
+  half = value.shape[-1] // 2
+  value = value.at[half:].set(logvar)
+  bias = bias.replace_boxed(value) if hasattr(bias, "replace_boxed") else value
+  return {**params, "encoder": {**params["encoder"], "conv_out": {**conv_out, "bias": bias}}}
 
 
 def disc_model(config: ConfigDict) -> vae_losses.PatchDiscriminator:
@@ -281,14 +322,42 @@ def make_reconstruction_eval(config: ConfigDict, model: vae_lib.AutoencoderKL, m
   return evaluate
 
 
-def export_vae(model: vae_lib.AutoencoderKL, workdir: str, state: train.TrainState) -> None:
-  """The EMA autoencoder as a diffusers AutoencoderKL folder WORKDIR/vae/ (process 0)."""
+def fit_latent_normalization(config: ConfigDict, model: vae_lib.AutoencoderKL, params: Any,
+                             examples: int) -> tuple[float, float]:
+  """(scaling_factor, shift_factor) fitted as SD3 fitted its 1.5305 / 0.0609: posterior
+  samples of the first `examples` training images, shifted and scaled to mean 0, std 1."""
+  from sd3jax.data import pipeline
+  source, _ = image_sources(config)
+  n, size = min(int(examples), len(source)), int(config.data.image_size)
+  encode = jax.jit(lambda p, x, rng: model.apply({"params": p}, x,
+                                                 method=vae_lib.AutoencoderKL.encode).sample(rng))
+  latents = []
+  for start in range(0, n, 64):
+    images = np.stack([pipeline.to_float(pipeline.resize_and_crop(ex["image"], size, size,
+                                                                  crop="center")[0])
+                       for ex in source.__getitems__(list(range(start, min(n, start + 64))))])
+    latents.append(np.asarray(encode(params, images, jax.random.key(start))))
+  return vae_lib.latent_scale_shift(np.concatenate(latents))
+
+
+def export_vae(config: ConfigDict, model: vae_lib.AutoencoderKL, workdir: str,
+               state: train.TrainState) -> None:
+  """The EMA autoencoder as a diffusers AutoencoderKL folder WORKDIR/vae/ (process 0), with
+  its latent scaling / shift factors fitted to the training images (vae.fit_examples)."""
   params = jax.device_get(state.ema_params["vae"])
-  if jax.process_index() == 0:
-    from sd3jax.interop import diffusers_vae
-    folder = os.path.join(workdir, "vae")
-    diffusers_vae.save_vae(model, params, folder)
-    logging.info("Exported the EMA autoencoder to %s.", folder)
+  if jax.process_index() != 0:
+    return
+  from sd3jax.interop import diffusers_vae
+  examples = int(config.vae.get("fit_examples", 0))
+  if examples > 0:
+    scale, shift = fit_latent_normalization(config, model, params, examples)
+    model = model.clone(config=dataclasses.replace(model.config, scaling_factor=scale,
+                                                   shift_factor=shift))
+    logging.info("Latent normalisation fitted on %d training images: scaling_factor %.4f, "
+                 "shift_factor %.4f.", examples, scale, shift)
+  folder = os.path.join(workdir, "vae")
+  diffusers_vae.save_vae(model, params, folder)
+  logging.info("Exported the EMA autoencoder to %s.", folder)
 
 
 # =============================================================================================
@@ -304,8 +373,12 @@ def vae_task(config: ConfigDict, mesh: Mesh, workdir: str) -> train.Task:
   def init_params(rng):
     vae_rng, disc_rng = jax.random.split(rng)
     x = jnp.zeros((1, size, size, 3), jnp.float32)
-    return {"vae": model.init_params(vae_rng, size),
-            "disc": disc.init(disc_rng, x)["params"]}
+    vae_params = model.init_params(vae_rng, size)
+    if bool(config.vae.get("zero_init_residual", False)):
+      vae_params = zero_residual_branches(vae_params)
+    if float(config.vae.get("init_logvar", 0.0)):
+      vae_params = with_initial_logvar(vae_params, float(config.vae.init_logvar))
+    return {"vae": vae_params, "disc": disc.init(disc_rng, x)["params"]}
 
   def loss(params, batch: Mapping[str, jax.Array], rng, step):
     total, metrics = vae_losses.vae_train_losses(
@@ -320,4 +393,4 @@ def vae_task(config: ConfigDict, mesh: Mesh, workdir: str) -> train.Task:
                                     train.batch_axes(config.sharding_rules)),
       make_data=make_data, tx=make_optimizer(config), flops_per_step=flops,
       make_evals=lambda: [make_reconstruction_eval(config, model, mesh, workdir)],
-      finish=lambda wd, state: export_vae(model, wd, state))
+      finish=lambda wd, state: export_vae(config, model, wd, state))

@@ -238,6 +238,60 @@ def test_exported_folder_loads_in_diffusers(straight, data_dir):
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=1e-4)
 
 
+def test_export_fits_the_latent_normalisation(straight, data_dir):
+  """The exported config's scaling / shift factors standardise the training images' latents,
+  as SD3 fitted 1.5305 / 0.0609: checked against diffusers' own posterior moments (sampled
+  latents have mean E[mu] and variance E[mu^2 + sigma^2] - E[mu]^2)."""
+  torch = pytest.importorskip("torch")
+  from diffusers import AutoencoderKL
+  workdir, _ = straight
+  ref = AutoencoderKL.from_pretrained(os.path.join(workdir, "vae")).eval()
+  scale, shift = ref.config.scaling_factor, ref.config.shift_factor
+  assert scale != 1.0 and shift not in (None, 0.0)
+  config = config_lib.validate(tiny_vae(data_dir), 2)
+  source, _ = tasks.image_sources(config)
+  assert len(source) == 32 < config.vae.fit_examples  # so every training image is used
+  images = np.stack([pipeline.to_float(pipeline.resize_and_crop(source[i]["image"], 32, 32)[0])
+                     for i in range(len(source))])
+  with torch.no_grad():
+    dist = ref.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
+  mu, var = dist.mean.double().numpy(), dist.var.double().numpy()
+  mean = mu.mean()
+  std = np.sqrt((mu ** 2 + var).mean() - mean ** 2)
+  # One posterior sample per element (32 x 4 x 4 x 4 = 2048 of them) in the fit.
+  assert shift == pytest.approx(mean, abs=0.05 * std)
+  assert 1.0 / scale == pytest.approx(std, rel=0.05)
+
+
+def test_zero_init_makes_every_residual_block_the_identity():
+  """vae.zero_init_residual: conv2 of every ResNet block and the attention's output projection
+  start at zero (nothing else changes), so each block passes its input through unchanged;
+  vae.init_logvar sets the encoder's log-variance outputs."""
+  from sd3jax.models import vae as vae_lib
+  model = vae_lib.AutoencoderKL(vae_lib.vae_config(4, width=8, channel_mult=(1, 2, 4)))
+  params = nn.unbox(model.init_params(jax.random.key(0), 16))
+  zeroed = tasks.zero_residual_branches(params)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_zeroed = dict(jax.tree_util.tree_flatten_with_path(zeroed)[0])
+  changed = 0
+  for path, leaf in flat:
+    name = jax.tree_util.keystr(path)
+    if "conv2" in name or "to_out_0" in name:
+      assert not np.any(np.asarray(flat_zeroed[path])), name
+      changed += 1
+    else:
+      np.testing.assert_array_equal(np.asarray(flat_zeroed[path]), np.asarray(leaf))
+  assert changed == 2 * (3 + 2 + 3 * 2 + 2) + 2 * 2  # conv2 kernel+bias per block; attn x2
+  block = vae_lib.ResnetBlock(8, 2)
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+  p = tasks.zero_residual_branches(nn.unbox(block.init(jax.random.key(2), x))["params"])
+  np.testing.assert_array_equal(np.asarray(block.apply({"params": p}, x)), np.asarray(x))
+  with_logvar = tasks.with_initial_logvar(zeroed, -6.0)
+  bias = np.asarray(with_logvar["encoder"]["conv_out"]["bias"])
+  assert bias.shape == (8,) and np.all(bias[4:] == -6.0)
+  np.testing.assert_array_equal(bias[:4], np.asarray(zeroed["encoder"]["conv_out"]["bias"])[:4])
+
+
 def test_data_is_images_from_the_shapes_pipeline(data_dir):
   config = config_lib.validate(tiny_vae(data_dir), 2)
   it = tasks.make_data(config)

@@ -68,6 +68,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from sd3jax.models import vae as vae_lib
+
 # Aspect ratios (width / height) of the default bucket set.
 DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 4.0 / 3.0, 2.0)
 _STATE_VERSION = 1
@@ -676,7 +678,7 @@ class _PrecomputedTransform:
     mean = ex["vae_mean"].astype(np.float32)
     eps = rng.standard_normal(mean.shape, dtype=np.float32)
     z = mean + ex["vae_std"].astype(np.float32) * eps
-    out = {"latents": (z - np.float32(self.shift)) * np.float32(self.scale)}
+    out = {"latents": vae_lib.normalize_latents(z, self.scale, self.shift)}
     for k in ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled"):
       out[k] = emb[k].astype(np.float32)
     out["t5"] = (emb["t5"].astype(np.float32) if "t5" in emb

@@ -143,16 +143,21 @@ def sdxl_config() -> VAEConfig:
 
 
 def vae_config(latent_channels: int = 16, width: int = 32, layers_per_block: int = 1,
-               norm_num_groups: int | None = None, sample_size: int = 64) -> VAEConfig:
-  """The small f8 family for CPU training: 4 levels (8x), widths w, 2w, 4w, 4w.
+               norm_num_groups: int | None = None, sample_size: int = 64,
+               channel_mult: Sequence[int] = (1, 2, 4, 4)) -> VAEConfig:
+  """The small family for CPU training: widths width x channel_mult, one level per entry.
 
-  Scale and shift start at 1 and 0: estimate them on encoded data after training
-  (`latent_scale_shift`), as SD3 did for its VAE.
+  The default (1, 2, 4, 4) is f8 (64x64 images -> 8x8 latents); (1, 2, 4) is f4. Scale and
+  shift start at 1 and 0: fit them to encoded data after training (`latent_scale_shift`),
+  as SD3 did for its VAE.
   """
   if latent_channels not in (4, 8, 16):
     raise ValueError(f"vae_config(latent_channels={latent_channels}): choose 4, 8 or 16.")
+  if not channel_mult or any(int(m) < 1 for m in channel_mult):
+    raise ValueError(f"vae_config(channel_mult={tuple(channel_mult)}): give one positive "
+                     "multiplier per level, e.g. (1, 2, 4, 4) for f8 or (1, 2, 4) for f4.")
   groups = norm_num_groups or (32 if width >= 128 else max(1, width // 4))
-  return VAEConfig(block_out_channels=(width, 2 * width, 4 * width, 4 * width),
+  return VAEConfig(block_out_channels=tuple(int(m) * width for m in channel_mult),
                    layers_per_block=layers_per_block, latent_channels=latent_channels,
                    norm_num_groups=groups, scaling_factor=1.0, shift_factor=None,
                    use_quant_conv=False, use_post_quant_conv=False, sample_size=sample_size)
@@ -349,11 +354,17 @@ def _maybe_remat(remat: bool):
   return (_RematResnetBlock, _RematAttention) if remat else (ResnetBlock, Attention)
 
 
-class DownBlock(nn.Module):
+class ResnetStack(nn.Module):
+  """One level of the encoder or decoder: `num_layers` ResNet blocks, then an optional
+  2x resampling ("down": stride-2 conv, "up": nearest 2x + conv, "": none).
+
+  The parameter names are diffusers' (`resnets_j`, `downsamplers_0` / `upsamplers_0`), so
+  DownEncoderBlock2D and UpDecoderBlock2D are both this module.
+  """
   features: int
   num_layers: int
   groups: int
-  add_downsample: bool
+  resample: str = ""
   dtype: Dtype = jnp.float32
   remat: bool = False
 
@@ -362,25 +373,9 @@ class DownBlock(nn.Module):
     resnet, _ = _maybe_remat(self.remat)
     for j in range(self.num_layers):
       x = resnet(self.features, self.groups, self.dtype, name=f"resnets_{j}")(x)
-    if self.add_downsample:
+    if self.resample == "down":
       x = Downsample(self.features, self.dtype, name="downsamplers_0")(x)
-    return x
-
-
-class UpBlock(nn.Module):
-  features: int
-  num_layers: int
-  groups: int
-  add_upsample: bool
-  dtype: Dtype = jnp.float32
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    resnet, _ = _maybe_remat(self.remat)
-    for j in range(self.num_layers):
-      x = resnet(self.features, self.groups, self.dtype, name=f"resnets_{j}")(x)
-    if self.add_upsample:
+    elif self.resample == "up":
       x = Upsample(self.features, self.dtype, name="upsamplers_0")(x)
     return x
 
@@ -398,8 +393,9 @@ class Encoder(nn.Module):
     h = Conv(chans[0], axes=("conv_image", "conv_out"), dtype=self.dtype, name="conv_in")(x)
     h = _constrain(h)
     for i, ch in enumerate(chans):
-      h = DownBlock(ch, cfg.layers_per_block, cfg.norm_num_groups, i < len(chans) - 1,
-                    self.dtype, self.remat, name=f"down_blocks_{i}")(h)
+      h = ResnetStack(ch, cfg.layers_per_block, cfg.norm_num_groups,
+                      "down" if i < len(chans) - 1 else "", self.dtype, self.remat,
+                      name=f"down_blocks_{i}")(h)
     h = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype, self.remat,
                  name="mid_block")(h)
     h = nn.silu(GroupNorm(cfg.norm_num_groups, dtype=self.dtype, name="conv_norm_out")(h))
@@ -426,8 +422,9 @@ class Decoder(nn.Module):
     h = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype, self.remat,
                  name="mid_block")(h)
     for i, ch in enumerate(chans):
-      h = UpBlock(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(chans) - 1,
-                  self.dtype, self.remat, name=f"up_blocks_{i}")(h)
+      h = ResnetStack(ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
+                      "up" if i < len(chans) - 1 else "", self.dtype, self.remat,
+                      name=f"up_blocks_{i}")(h)
     h = nn.silu(GroupNorm(cfg.norm_num_groups, dtype=self.dtype, name="conv_norm_out")(h))
     if return_hidden:
       return h
@@ -527,13 +524,13 @@ class AutoencoderKL(nn.Module):
     self._check_plain_normalisation()
     posterior = self.apply({"params": params}, images, method=AutoencoderKL.encode)
     z = posterior.mode() if rng is None else posterior.sample(rng)
-    return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
+    return normalize_latents(z, self.config.scaling_factor, self.config.shift_factor)
 
   @nn.nowrap
   def decode_latents(self, params: dict, latents: jax.Array) -> jax.Array:
     """Images from the diffusion model's latents: decode(latents / scale + shift)."""
     self._check_plain_normalisation()
-    z = latents / self.config.scaling_factor + (self.config.shift_factor or 0.0)
+    z = denormalize_latents(latents, self.config.scaling_factor, self.config.shift_factor)
     return self.apply({"params": params}, z, method=AutoencoderKL.decode)
 
   @nn.nowrap
@@ -542,6 +539,20 @@ class AutoencoderKL(nn.Module):
       raise NotImplementedError(
           "This VAE config has per-channel latents_mean / latents_std; sd3jax only implements "
           "the scalar (z - shift_factor) * scaling_factor normalisation of SD3 / SDXL.")
+
+
+def normalize_latents(z: Any, scaling_factor: float, shift_factor: float | None) -> Any:
+  """VAE latents -> the diffusion model's: (z - shift) * scale (numpy or jax, float32).
+
+  The one definition: precompute's records pipeline, `encode_to_latents`, training,
+  sampling, evaluation and export all go through this function and its inverse.
+  """
+  return (z - np.float32(shift_factor or 0.0)) * np.float32(scaling_factor)
+
+
+def denormalize_latents(latents: Any, scaling_factor: float, shift_factor: float | None) -> Any:
+  """The inverse of `normalize_latents`: latents / scale + shift."""
+  return latents / np.float32(scaling_factor) + np.float32(shift_factor or 0.0)
 
 
 def latent_scale_shift(latents: jax.Array) -> tuple[float, float]:
@@ -559,6 +570,6 @@ def param_logical_axes(model: AutoencoderKL) -> Any:
 
 __all__: Sequence[str] = (
     "VAEConfig", "sd3_config", "sdxl_config", "vae_config", "PRESETS", "DiagonalGaussian",
-    "AutoencoderKL", "Encoder", "Decoder", "conv2d", "decoder_out", "last_layer",
-    "latent_scale_shift", "param_logical_axes",
+    "AutoencoderKL", "Encoder", "Decoder", "ResnetStack", "conv2d", "decoder_out", "last_layer",
+    "latent_scale_shift", "normalize_latents", "denormalize_latents", "param_logical_axes",
 )
