@@ -56,9 +56,14 @@ def defaults() -> ConfigDict:
       # task="vae": source "shapes" (a TFDS build at path, rendered if missing) or "records"
       shapes_num_train=10_000, shapes_num_val=1_000, shapes_seed=0,
   ))
-  # task="vae": the f8 KL autoencoder (models.vae.vae_config) and its losses (vae_losses).
+  # task="vae": the KL autoencoder (models.vae.vae_config) and its losses (vae_losses).
   c.vae = ConfigDict(dict(
       latent_channels=16, width=32, layers_per_block=1, dtype="float32", remat=False,
+      channel_mult=(1, 2, 4, 4),  # widths per level; f = 2 ** (levels - 1): f8 here
+      norm_groups=0,           # GroupNorm groups; 0: 32, or width / 4 below width 128
+      zero_init_residual=False,  # ResNet blocks (and attention) start as the identity
+      init_logvar=0.0,         # initial posterior log-variance (encoder conv_out bias)
+      fit_examples=512,        # export: scaling / shift factors fitted on this many images
       rec_loss="l1", kl_weight=1e-6, sample_posterior=True,
       perceptual_weight=0.0, perceptual_path="",  # LPIPS / VGG16 safetensors (local)
       disc_start=50_001, disc_weight=0.5, disc_factor=1.0, disc_loss="hinge",
@@ -88,7 +93,8 @@ def defaults() -> ConfigDict:
       decay_steps=0,           # wsd: length of the final decay (0: 20% of the run)
       final_fraction=0.0,      # cosine / wsd: final LR as a fraction of the peak
   ))
-  c.ema = ConfigDict(dict(decay=0.9999, every_steps=1))
+  c.ema = ConfigDict(dict(decay=0.9999, every_steps=1,
+                          warmup=False))  # decay min(decay, (1 + step) / (10 + step))
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))       # within a slice (ICI)
   c.mesh_dcn = ConfigDict(dict(data=1, fsdp=1, tensor=1))    # across slices (DCN)
   c.sharding_rules = "fsdp"    # dp | fsdp | fsdp_tp, or a list of (logical, mesh axes)
@@ -111,6 +117,7 @@ def defaults() -> ConfigDict:
       num_timesteps=8,         # fixed t = (j + 1/2) / num_timesteps
       per_device_batch=2,      # fixed per device, so the loss is the same on any dp mesh
       seed=0,                  # fixed noise per example: rng(seed, example index)
+      conditioning_gap=True,   # also the loss with every encoder dropped: cond_gap
       prompts_per_category=4,  # shapes prompt-following (needs precompute.vae + text_encoders)
       sample_steps=28, sample_cfg=5.0, sample_shift=3.0,  # sampling for prompt following
   ))

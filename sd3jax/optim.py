@@ -63,12 +63,19 @@ def with_learning_rate(opt_state: Any, lr: jax.Array) -> Any:
   return opt_state._replace(hyperparams=hyper)
 
 
-def ema_update(ema: Any, params: Any, step: jax.Array, decay: float, every: int) -> Any:
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float, every: int,
+               warmup: bool = False) -> Any:
   """ema <- decay * ema + (1 - decay) * params on steps divisible by `every`, else unchanged.
 
   `step` counts completed steps (1 after the first update), so every=1 updates each step.
+  With `warmup` the decay is min(decay, (1 + step) / (10 + step)) (diffusers' EMAModel
+  default): a short run's EMA does not keep most of its random init (0.998 ** 500 = 37%).
   """
   if decay <= 0.0:
     return params
-  d = jnp.where(step % every == 0, jnp.float32(decay), jnp.float32(1.0))
+  d = jnp.float32(decay)
+  if warmup:
+    s = jnp.asarray(step, jnp.float32)
+    d = jnp.minimum(d, (1.0 + s) / (10.0 + s))
+  d = jnp.where(step % every == 0, d, jnp.float32(1.0))
   return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)

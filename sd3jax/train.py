@@ -322,6 +322,7 @@ def make_train_step(config: ConfigDict, task: Task, schedule: optim.Schedule):
   """(state, batch) -> (state, metrics). Jit it with the state donated."""
   loss_and_grads, tx = task.loss_and_grads, task.tx
   ema_decay, ema_every = float(config.ema.decay), int(config.ema.every_steps)
+  ema_warmup = bool(config.ema.get("warmup", False))
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -333,7 +334,8 @@ def make_train_step(config: ConfigDict, task: Task, schedule: optim.Schedule):
     opt_state = optim.with_learning_rate(state.opt_state, lr)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = optim.ema_update(state.ema_params, params, state.step + 1, ema_decay, ema_every)
+    ema = optim.ema_update(state.ema_params, params, state.step + 1, ema_decay, ema_every,
+                           ema_warmup)
 
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)

@@ -205,8 +205,13 @@ def test_eval_hook_writes_validation_loss(start, tmp_path):
             if "eval/val_loss" in r]
   per_t = [f"eval/{k}" for k in record if k.startswith("val_loss_t")]
   assert len(per_t) == 8  # sd3jax.evals.validation: 8 fixed timesteps
-  assert logged == [{"step": 2, "eval/val_loss": record["val_loss"], "eval/custom": 1.5,
-                     **{k: record[k.removeprefix("eval/")] for k in per_t}}]
+  assert len(logged) == 1
+  row = dict(logged[0])
+  assert row.pop("time") > 0  # unix seconds, for time-to-quality curves
+  assert row == {"step": 2, **{f"eval/{k}": v for k, v in record.items() if k != "step"}}
+  assert {"eval/custom", "eval/val_loss", "eval/cond_gap", *per_t} <= set(row)
+  # The conditioning gap: the same loss with every encoder dropped, minus the real one.
+  assert record["cond_gap"] == pytest.approx(record["val_loss_dropped"] - record["val_loss"])
   last = result.history[-1]  # with a known peak, MFU is reported
   assert last["mfu"] == pytest.approx(last["tflops_per_sec_per_device"] / 2.0)
 

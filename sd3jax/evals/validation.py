@@ -6,7 +6,14 @@ For every held-out example i and each of `num_t` evenly spaced t_j = (j + 1/2) /
   loss_ij = weight(t_j) * mean_pixels (model(z_t(x0_i, eps_i, t_j), t_j, text_i) - target)^2
 
 with every text encoder kept (no dropout). Reported: the mean over t of the per-t means, and
-each per-t mean. Why it is bitwise the same on any data-parallel mesh: the per-device batch
+each per-t mean. With config.eval.conditioning_gap, the same losses with every encoder dropped
+(zeros, what training's dropout feeds) are computed too, and
+
+  cond_gap = val_loss(all encoders dropped) - val_loss(real captions)
+
+(same examples, t and noise) says how much of the loss the text explains; cond_gap_rel is
+that as a fraction of the dropped loss. A model that learns its prompts grows it; one that
+ignores the text keeps it near 0. Why it is bitwise the same on any data-parallel mesh: the per-device batch
 is fixed (config.eval.per_device_batch), so every device runs the same program on the same
 rows whatever the device count; per-example losses are gathered to the host and summed in
 float64 numpy in example order, so no cross-device reduction order enters the number.
@@ -123,8 +130,10 @@ class ValidationLoss:
     formulation = flow.get_formulation(config.flow.formulation)
     t5_width = int(config.model.joint_attention_dim)
 
-    def per_example(params, x0, eps, emb, ts):
+    def per_example(params, x0, eps, emb, ts, dropped):
       """(T, b) losses; lax.map over t keeps one model call's shapes whatever num_t is."""
+      if dropped:  # every encoder dropped: zeros, as conditioning.drop_encoders makes them
+        emb = jax.tree.map(jnp.zeros_like, emb)
       context, pooled = conditioning.assemble(
           emb["clip_l"], emb["clip_g"], emb.get("t5"), emb["clip_l_pooled"],
           emb["clip_g_pooled"], t5_length=0, t5_width=t5_width)
@@ -138,14 +147,16 @@ class ValidationLoss:
         return formulation.loss_weight(tb) * jnp.mean(err.reshape(err.shape[0], -1), axis=1)
       return jax.lax.map(at, ts)
 
-    self._fn = jax.jit(per_example, out_shardings=NamedSharding(mesh, P(None, self.axes)))
+    self._fn = jax.jit(per_example, static_argnums=5,
+                       out_shardings=NamedSharding(mesh, P(None, self.axes)))
+    self.gap = bool(_get(config.eval, "conditioning_gap", False))
 
   def _place(self, x: np.ndarray) -> jax.Array:
     sharding = NamedSharding(self.mesh, P(self.axes, *([None] * (x.ndim - 1))))
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-  def per_example_losses(self, params: Any) -> np.ndarray:
-    """(num_t, n) float32 losses, example i in column i."""
+  def per_example_losses(self, params: Any, dropped: bool = False) -> np.ndarray:
+    """(num_t, n) float32 losses, example i in column i; `dropped`: every encoder zeroed."""
     chunk = self.per_device * self.shards
     out = []
     ts = jnp.asarray(self.timesteps)
@@ -156,15 +167,25 @@ class ValidationLoss:
         x0 = self._place(self.examples["latents"][index])
         eps = self._place(self.noise[index])
         emb = {k: self._place(v[index]) for k, v in self.examples.items() if k != "latents"}
-        losses = self._fn(params, x0, eps, emb, ts)
+        losses = self._fn(params, x0, eps, emb, ts, bool(dropped))
         out.append(np.asarray(_to_host(losses))[:, :real])
     return np.concatenate(out, axis=1)
 
+  def _mean(self, losses: np.ndarray) -> tuple[float, list[float]]:
+    per_t = [float(np.add.reduce(row) / self.n) for row in losses.astype(np.float64)]
+    return float(sum(per_t) / len(per_t)), per_t  # fixed order: example order
+
   def __call__(self, params: Any) -> dict[str, Any]:
-    losses = self.per_example_losses(params).astype(np.float64)
-    per_t = [float(np.add.reduce(row) / self.n) for row in losses]  # fixed order: example order
-    return {"val_loss": float(sum(per_t) / len(per_t)),
-            "per_t": {t_key(t): v for t, v in zip(self.timesteps, per_t)}, "n": self.n}
+    val, per_t = self._mean(self.per_example_losses(params))
+    out = {"val_loss": val, "per_t": {t_key(t): v for t, v in zip(self.timesteps, per_t)},
+           "n": self.n}
+    if self.gap:
+      dropped, dropped_t = self._mean(self.per_example_losses(params, dropped=True))
+      out.update(val_loss_dropped=dropped, cond_gap=dropped - val,
+                 cond_gap_rel=(dropped - val) / dropped if dropped > 0 else 0.0,
+                 cond_gap_per_t={t_key(t): d - v for t, d, v in zip(self.timesteps, dropped_t,
+                                                                      per_t)})
+    return out
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -176,9 +197,14 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-  """{"val_loss", "val_loss_t<t>": ...}: the flat form for metrics.jsonl / TensorBoard."""
+  """{"val_loss", "val_loss_t<t>", and cond_gap* when measured}: the flat form for
+  metrics.jsonl / TensorBoard."""
   out = {"val_loss": float(result["val_loss"])}
   out.update({f"val_loss_t{k}": float(v) for k, v in result["per_t"].items()})
+  for key in ("val_loss_dropped", "cond_gap", "cond_gap_rel"):
+    if key in result:
+      out[key] = float(result[key])
+  out.update({f"cond_gap_t{k}": float(v) for k, v in result.get("cond_gap_per_t", {}).items()})
   return out
 
 
