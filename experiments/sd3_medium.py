@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       data_val="",             # held-out image_text records for the validation loss
       sample_prompts=("a photo of a red apple on a wooden table",
                       "an astronaut riding a horse on the moon, digital art"),
-      sample_steps=28, sample_cfg=7.0, sample_shift=3.0, sample_seed=0,
+      sample_seed=0,           # the sample stage uses config.eval's sampling settings
       ceiling_examples=0))
 
   c.model = ConfigDict(dict(
@@ -86,6 +86,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
                           peak_tflops_per_device=0.0))
   c.eval = ConfigDict(dict(every_steps=10_000, batches=2, fid_network="", clip_network="",
                            path="", num_examples=4096, num_timesteps=8, per_device_batch=8,
-                           seed=0, prompts_per_category=0, sample_steps=28, sample_cfg=5.0,
+                           seed=0, prompts_per_category=0, sample_steps=28, sample_cfg=7.0,
                            sample_shift=s["shift"]))
   return c

@@ -76,9 +76,13 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   flags.DEFINE_string("prompts", None, "sample: a file of prompts, one a line.",
                       flag_values=flag_values)
   flags.DEFINE_string("negative", None, "sample: the negative prompt.", flag_values=flag_values)
-  flags.DEFINE_integer("steps", 28, "sample: denoising steps.", flag_values=flag_values)
-  flags.DEFINE_float("cfg", 5.0, "sample: guidance scale (> 1 guides).", flag_values=flag_values)
-  flags.DEFINE_float("shift", 3.0, "sample: sampling shift of t.", flag_values=flag_values)
+  flags.DEFINE_integer("steps", None, "sample: denoising steps (default: the run's "
+                       "config.eval.sample_steps; 28 for --pipeline).", flag_values=flag_values)
+  flags.DEFINE_float("cfg", None, "sample: guidance scale, > 1 guides (default: the run's "
+                     "config.eval.sample_cfg; 5.0 for --pipeline).", flag_values=flag_values)
+  flags.DEFINE_float("shift", None, "sample: sampling shift of t (default: the run's "
+                     "config.eval.sample_shift; the scheduler's for --pipeline).",
+                     flag_values=flag_values)
   flags.DEFINE_enum("sampler", "euler", ["euler", "heun", "dpmpp_2m"], "sample: ODE sampler.",
                     flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "sample: noise seed (image i: fold_in(seed, i)).",

@@ -7,11 +7,14 @@ match, so a changed config never silently reuses stale outputs):
   data        shapes TFDS build (WORKDIR/data), or the records folder in job.data
   encoders    embedded stand-in text encoders (WORKDIR/encoders), unless
               precompute.text_encoders names real ones
-  vae         trains the f8c16 autoencoder of job.vae (WORKDIR/vae), unless precompute.vae
+  vae         trains the 16-channel KL autoencoder of job.vae (WORKDIR/vae), unless
+              precompute.vae; fits SD3's latent scaling / shift factors
   precompute  latents + embeddings: WORKDIR/records/train and /validation
   train       the MM-DiT (WORKDIR/mmdit: checkpoints, metrics.jsonl, TensorBoard, eval/)
   sample      the grid of job.sample_prompts (WORKDIR/samples/grid.png)
-  evaluate    validation loss + prompt following of the final weights (WORKDIR/eval.json)
+  evaluate    validation loss, conditioning gap and prompt following of the final weights
+              (WORKDIR/eval.json; the trainer's own eval of the last step when it made one),
+              the checker's ceiling through the VAE, and WORKDIR/time_to_quality.png
 
 The long stages resume where they stopped (trainer checkpoints, precompute shards), so
 Ctrl-C or SIGTERM at any point followed by the same command finishes the job without
@@ -44,8 +47,8 @@ _DEPENDS = {
     "precompute": ("precompute", "conditioning", "data.image_size", "data.vae_factor"),
     "train": ("task", "seed", "total_steps", "batch_size", "microbatches", "init_from", "model",
               "data", "flow", "optimizer", "schedule", "ema", "mesh", "sharding_rules"),
-    "sample": ("job.sample_prompts", "job.sample_steps", "job.sample_cfg", "job.sample_shift",
-               "job.sample_seed"),
+    "sample": ("job.sample_prompts", "job.sample_seed", "eval.sample_steps", "eval.sample_cfg",
+               "eval.sample_shift"),
     "evaluate": ("eval", "job.ceiling_examples"),
 }
 
@@ -93,6 +96,7 @@ class Paths:
     self.samples = os.path.join(workdir, "samples")
     self.eval = os.path.join(workdir, "eval.json")
     self.summary = os.path.join(workdir, "summary.json")
+    self.time_to_quality = os.path.join(workdir, "time_to_quality.png")
 
   def marker(self, stage: str) -> str:
     return os.path.join(self.job, f"{stage}.json")
@@ -232,10 +236,10 @@ def stage_sample(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   pipe = sample.pipeline_from_run(sample.run_config(c, None), paths.mmdit)
   prompts = list(config.job.sample_prompts)
   size = int(config.data.image_size)
-  images = sample.generate(pipe, prompts, height=size, width=size,
-                           steps=int(config.job.sample_steps),
-                           guidance_scale=float(config.job.sample_cfg),
-                           shift=float(config.job.sample_shift), seed=int(config.job.sample_seed))
+  settings = sample.run_sampling_settings(c)  # the in-training evals' settings
+  images = sample.generate(pipe, prompts, height=size, width=size, steps=settings["steps"],
+                           guidance_scale=settings["cfg"], shift=settings["shift"],
+                           seed=int(config.job.sample_seed))
   written = sample.save_images(images, paths.samples, prompts, cols=4)
   return {"grid": written[-1], "images": len(written) - 1}
 
@@ -264,13 +268,35 @@ def vae_ceiling(config: ConfigDict, paths: Paths) -> dict[str, float]:
 def stage_evaluate(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   from sd3jax import sample
   from sd3jax.evals import run as eval_run
+  from sd3jax.evals import time_to_quality
   c = sample.run_config(mmdit_config(config, paths), None)
   step = eval_run.checkpoint_steps(paths.mmdit)[-1]
-  result = eval_run.evaluate_checkpoint(c, paths.mmdit, step)
+  result = _in_training_eval(paths, step)
+  if result is None:
+    result = eval_run.evaluate_checkpoint(c, paths.mmdit, step)
   if int(config.job.get("ceiling_examples", 0)) > 0 and not config.job.data:
     result["ceiling"] = vae_ceiling(c, paths)
   _write_json(paths.eval, result)
-  return {"path": paths.eval, "step": step}
+  plot = time_to_quality.plot(os.path.join(paths.mmdit, "metrics.jsonl"), paths.job,
+                              paths.time_to_quality, title=f"time to quality: {paths.workdir}")
+  return {"path": paths.eval, "step": step, "plot": plot,
+          "reused_in_training_eval": bool(result.get("in_training"))}
+
+
+def _in_training_eval(paths: Paths, step: int) -> dict[str, Any] | None:
+  """The trainer's own eval of the final step (same EMA weights, prompts, sampler settings
+  and seeds as `sd3jax evaluate`), so the job does not sample the eval prompts twice. None
+  when the trainer did not evaluate that step or measured no prompt following."""
+  path = os.path.join(paths.mmdit, "eval", f"step_{int(step)}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    result = json.load(f)
+  if "val_loss" not in result or "shapes/overall" not in result:
+    return None
+  per_t = {k[len("val_loss_t"):]: v for k, v in result.items() if k.startswith("val_loss_t")}
+  return {"step": int(step), "weights": "ema", "in_training": True, "per_t": per_t,
+          **{k: v for k, v in result.items() if not k.startswith("val_loss_t")}}
 
 
 STAGE_FNS: dict[str, Callable[[ConfigDict, Paths], dict[str, Any]]] = {
@@ -291,10 +317,13 @@ def summary(paths: Paths, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     with open(paths.eval) as f:
       ev = json.load(f)
     out["val_loss"] = ev.get("val_loss")
+    out["cond_gap"] = ev.get("cond_gap")
+    out["cond_gap_rel"] = ev.get("cond_gap_rel")
     out["shapes"] = {k.removeprefix("shapes/"): v for k, v in ev.items()
                      if k.startswith("shapes/") and not k.startswith("shapes/n")}
     out["ceiling"] = ev.get("ceiling")
   out["grid"] = records.get("sample", {}).get("grid")
+  out["time_to_quality"] = records.get("evaluate", {}).get("plot")
   out["eval"] = paths.eval
   return out
 
@@ -305,6 +334,9 @@ def print_summary(s: dict[str, Any]) -> None:
   print("  time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if v is not None))
   if s.get("val_loss") is not None:
     print(f"  validation loss (8 fixed t): {s['val_loss']:.4f}")
+  if s.get("cond_gap") is not None:
+    print(f"  conditioning gap (loss with every encoder dropped - with captions): "
+          f"{s['cond_gap']:.4f} ({100 * s['cond_gap_rel']:.1f}% of the dropped loss)")
   if s.get("shapes"):
     print("  prompt following: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["shapes"].items())))
   if s.get("ceiling"):
@@ -313,6 +345,8 @@ def print_summary(s: dict[str, Any]) -> None:
           f"{c['vae_overall']:.2f} (" + ", ".join(
               f"{k[4:]} {v:.2f}" for k, v in c.items() if k.startswith("vae_attr")) + ")")
   print(f"  grid: {s.get('grid')}\n  scores: {s.get('eval')}")
+  if s.get("time_to_quality"):
+    print(f"  time to quality: {s['time_to_quality']}")
 
 
 def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] = STAGES) -> int:

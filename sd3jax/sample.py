@@ -460,21 +460,40 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
   return out
 
 
+def run_sampling_settings(config: Any) -> dict[str, Any]:
+  """The run's own sampling settings (config.eval: what its in-training evals and the job's
+  sample stage use): steps, cfg, shift."""
+  ev = config.get("eval", {}) or {}
+  return {"steps": int(ev.get("sample_steps", 28)), "cfg": float(ev.get("sample_cfg", 5.0)),
+          "shift": float(ev.get("sample_shift", config.flow.shift))}
+
+
 def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
-                negative: str | None = None, steps: int = 28, cfg: float = 5.0,
-                shift: float | None = 3.0, sampler: str = "euler", seed: int = 0,
+                negative: str | None = None, steps: int | None = None, cfg: float | None = None,
+                shift: float | None = None, sampler: str = "euler", seed: int = 0,
                 no_t5: bool = False, use_ema: bool = True, out: str | None = None,
                 pipeline: str | None = None, step: int | None = None) -> list[str]:
-  """`sd3jax sample`: PNGs + grid of a run (EMA or raw weights) or of a pipeline folder."""
+  """`sd3jax sample`: PNGs + grid of a run (EMA or raw weights) or of a pipeline folder.
+
+  steps / cfg / shift left as None are the run's own (`run_sampling_settings`), so a run's
+  first samples look like its in-training ones; for a pipeline folder 28, 5.0 and the
+  scheduler's shift (diffusers' defaults).
+  """
   if pipeline:
     from sd3jax.interop.pipeline import load_pipeline
     pipe = load_pipeline(pipeline, use_t5=not no_t5)
     height = width = None
+    defaults = {"steps": 28, "cfg": 5.0, "shift": pipe.shift}
   else:
     config = run_config(config, workdir)
-    pipe = pipeline_from_run(config, workdir, step=step, use_ema=use_ema, shift=shift,
+    defaults = run_sampling_settings(config)
+    pipe = pipeline_from_run(config, workdir, step=step, use_ema=use_ema,
+                             shift=defaults["shift"] if shift is None else shift,
                              use_t5=not no_t5)
     height = width = int(config.data.image_size)
+  steps = defaults["steps"] if steps is None else int(steps)
+  cfg = defaults["cfg"] if cfg is None else float(cfg)
+  shift = defaults["shift"] if shift is None else float(shift)
   out = out or os.path.join(workdir or ".", "samples")
   images = generate(pipe, list(prompts), negative_prompt=negative, height=height, width=width,
                     steps=steps, guidance_scale=cfg, shift=shift, sampler=sampler, seed=seed,
@@ -499,5 +518,6 @@ def export_main(config: Any, workdir: str, out: str, *, use_ema: bool = True,
 __all__ = ["Pipeline", "RunComponents", "SAMPLERS", "export_main", "generate", "initial_noise",
            "latent_shape", "load_run_components", "load_run_params", "make_grid",
            "pipeline_from_params", "pipeline_from_run", "read_prompts", "run_config",
-           "run_components_configured", "sample_main", "save_image", "save_images", "to_uint8",
+           "run_components_configured", "run_sampling_settings", "sample_main", "save_image",
+           "save_images", "to_uint8",
            "with_transformer_params"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -31,9 +32,18 @@ SIZE, STEPS, GUIDANCE, SHIFT = 32, 3, 5.0, 3.0  # f8 VAE, patch 2: 4x4 latents, 
 TOL = 2e-3
 
 
+# SD3-style latent normalisation that is not the identity, so every path that must apply it
+# (records, training, sampling, evaluation, export to diffusers) is shown to apply it alike.
+SCALE, SHIFT_FACTOR = 1.7, 0.3
+
+
 def _random_vae(seed: int = 0):
-  """A random vae_config(16, width=8); params drawn in numpy (its jitted init is slow on CPU)."""
-  model = vae_lib.AutoencoderKL(vae_lib.vae_config(16, width=8))
+  """A random vae_config(16, width=8) with scale / shift factors (SCALE, SHIFT_FACTOR); params
+  drawn in numpy (its jitted init is slow on CPU)."""
+  import dataclasses
+  cfg = dataclasses.replace(vae_lib.vae_config(16, width=8), scaling_factor=SCALE,
+                            shift_factor=SHIFT_FACTOR)
+  model = vae_lib.AutoencoderKL(cfg)
   abstract = nn.unbox(jax.eval_shape(model.init_params, jax.random.key(0)))
   rng = np.random.default_rng(seed)
 
@@ -183,8 +193,9 @@ def test_metrics_writer_skips_non_scalars(tmp_path):
                    "nan": float("nan")})
   writer.write_image(1, "grid", np.zeros((2, 2, 3), np.uint8))  # no TensorBoard: a no-op
   writer.close()
-  assert metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) == [
-      {"step": 1, "a": 0.5, "n": 3, "nan": "nan"}]
+  (record,) = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert abs(record.pop("time") - time.time()) < 60  # wall clock, for time-to-quality plots
+  assert record == {"step": 1, "a": 0.5, "n": 3, "nan": "nan"}
 
 
 def test_evaluate_writes_step_json(run):
@@ -214,6 +225,8 @@ def test_export_round_trip_matches_diffusers(run, tmp_path):
   ours = sample.generate(pipe, prompts, negative_prompt=negative, latents=noise, steps=STEPS,
                          guidance_scale=GUIDANCE, progress=False)
   reference = StableDiffusion3Pipeline.from_pretrained(out)
+  assert (reference.vae.config.scaling_factor, reference.vae.config.shift_factor) == (
+      SCALE, SHIFT_FACTOR)
   with torch.no_grad():
     theirs = reference(prompt=prompts, negative_prompt=negative, height=SIZE, width=SIZE,
                        num_inference_steps=STEPS, guidance_scale=GUIDANCE,
@@ -239,7 +252,8 @@ def test_cli_parse_config_optional_only_where_declared():
                                         "--steps", "4", "--no-t5", "--noema"], fv)
   assert (name, config, workdir) == ("sample", None, None)
   assert fv.pipeline == "/x" and fv.prompt == ["a"] and fv.steps == 4 and fv.no_t5
-  assert not fv.ema and fv.cfg == 5.0 and fv.shift == 3.0 and fv.sampler == "euler"
+  # Unset sampling flags are None: sample_main fills in the run's own (or the pipeline's).
+  assert not fv.ema and fv.cfg is None and fv.shift is None and fv.sampler == "euler"
   with pytest.raises(cli.UsageError, match="--config"):
     cli.parse(["sd3jax", "train", "--workdir", "/tmp/x"], flags.FlagValues())
 
@@ -263,6 +277,22 @@ def test_sample_cli_from_workdir_writes_pngs_and_grid(run, tmp_path):
                    "0002_a_green_triangle_at_the_top.png", "grid.png"], names
   from PIL import Image
   assert Image.open(out / "0000_a_red_circle.png").size == (SIZE, SIZE)
+
+
+def test_sample_defaults_to_the_runs_own_sampling_settings(run, tmp_path):
+  """No --steps / --cfg / --shift: the run's config.eval settings (what its in-training evals
+  used), not the flags' old fixed defaults."""
+  config = sample.run_config(None, run["workdir"])
+  settings = sample.run_sampling_settings(config)
+  assert settings == {"steps": 2, "cfg": 5.0, "shift": 3.0}
+  assert float(config.flow.shift) != settings["shift"]  # so the test tells the two apart
+  paths = sample.sample_main(None, run["workdir"], ["a red circle"], seed=1,
+                             out=str(tmp_path / "default"))
+  pipe = sample.pipeline_from_run(config, run["workdir"])
+  expected = sample.generate(pipe, ["a red circle"], height=SIZE, width=SIZE, steps=2,
+                             guidance_scale=5.0, shift=3.0, seed=1, progress=False)
+  from PIL import Image
+  assert np.array_equal(np.asarray(Image.open(paths[0])), sample.to_uint8(expected)[0])
 
 
 def test_sample_cli_needs_a_source(tmp_path):

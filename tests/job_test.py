@@ -65,6 +65,9 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   assert summary["ceiling"]["truth_overall"] >= 0.98  # the checker on ground truth
   ev = json.loads((workdir / "eval.json").read_text())
   assert ev["step"] == 30 and len(ev["per_t"]) == 8
+  assert ev["in_training"]  # the trainer's eval of step 30, not sampled a second time
+  assert "cond_gap" in ev and summary["cond_gap"] == ev["cond_gap"]
+  assert os.path.getsize(summary["time_to_quality"]) > 0  # evals at steps 15 and 30
   records = json.loads((workdir / "job" / "train.json").read_text())
   assert records["steps"] == 30
 
