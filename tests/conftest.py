@@ -11,3 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: a full-size acceptance run (about 15 minutes); skipped unless "
+      "SD3JAX_SLOW=1, and reported as skipped, never as passed")
