@@ -85,21 +85,25 @@ def plot(metrics_path: str, job_dir: str, out_path: str, *, title: str = "",
       left.plot(c["minutes"], c[key], marker="o", label=names[key])
   left.set_ylim(-0.02, 1.02)
   left.set_ylabel("checker score (EMA weights)")
-  right.plot(c["minutes"], c["val_loss"], marker="o", color="k", label="validation loss")
+  lines = right.plot(c["minutes"], c["val_loss"], marker="o", color="k",
+                     label="validation loss")
   right.set_ylabel("validation loss (8 fixed t)")
   if any(v is not None for v in c["cond_gap"]):
     gap = right.twinx()
-    gap.plot(c["minutes"], c["cond_gap"], marker="s", color="tab:red", label="conditioning gap")
+    lines += gap.plot(c["minutes"], c["cond_gap"], marker="s", color="tab:red",
+                      label="conditioning gap")
     gap.set_ylabel("conditioning gap (dropped - real)", color="tab:red")
+  end = max(c["minutes"]) * 1.05
   for ax in (left, right):
     ax.set_xlabel("wall-clock minutes since the job started")
+    ax.set_xlim(0, end)
     ax.grid(alpha=0.3)
     if c["train_start_min"] is not None:
       ax.axvline(c["train_start_min"], color="gray", ls="--", lw=1)
       ax.text(c["train_start_min"], ax.get_ylim()[1], " MM-DiT starts", va="top",
               fontsize=8, color="gray")
-  left.legend(loc="lower right", fontsize=8)
-  right.legend(loc="upper right", fontsize=8)
+  left.legend(loc="center left", fontsize=8)
+  right.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
   fig.suptitle(title or "time to quality")
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
