@@ -27,13 +27,14 @@ Why this sizing (each line measured on this 2-core CPU; README "diagnostic ladde
     VAE reached a checker ceiling of 0.07 (400 steps) / 0.27 (600), f4 0.99.
   - the VAE's residual branches start at zero and its posterior log-variance at -6:
     with diffusers' default init 400 steps gave PSNR 21.8 and ceiling 0.10 (colours lost);
-    with both, PSNR 30.6 and ceiling 0.99. KL weight 1e-4 (not LDM's 1e-6) keeps the
-    posterior wide enough that MM-DiT samples come out clean, not speckled.
+    with both, PSNR 30.6 and ceiling 0.99. KL weight 1e-4, not LDM's 1e-6: at 3e-4 the
+    posterior std was 0.06-0.10 (0.016 at 1e-6) and MM-DiT samples had visibly fewer stray
+    specks, but the ceiling fell to 0.94; 1e-4 keeps it at 0.99.
   - timestep shift 6 in training and sampling: layout and colour are decided at high noise,
     which logit-normal(0, 1) alone rarely samples. 5,000 steps (a ladder run with larger
     objects), single-object position: 0.67 at shift 3, 0.97 at shift 6 (colour 0.90 / 0.88,
     shape 0.56 / 0.63); shift 1 -> 3 had moved it from 0.30 to 0.60 at 2,000 steps.
-  - 16 + 16 text tokens (the original captions have a median of 9, at most 25 tokens): 35%
+  - 16 + 16 text tokens (the original captions have a median of 9, at most 25 tokens): 33%
     more steps per second than 24 + 40.
   - batch 16 at lr 2e-3 beat batch 32 / half the steps and batch 8 / twice the steps at
     the same wall time; lr 4e-3 at batch 16 collapsed to empty images. 4,800 steps and three
@@ -89,8 +90,8 @@ def _vae_config(a: dict) -> ConfigDict:
   # log-variance at -6: 400 steps give PSNR 30.6 / ceiling 0.99 instead of 21.8 / 0.10.
   c.vae.zero_init_residual = True
   c.vae.init_logvar = -6.0
-  # KL 1e-4: a posterior std of ~0.05 rather than ~0.02 at 1e-6; the MM-DiT's samples on
-  # these latents have far fewer stray specks; ceiling 0.99, PSNR 30.4 (3e-4: 0.94).
+  # KL 1e-4 (LDM: 1e-6): a wider posterior gives the MM-DiT cleaner latents (fewer stray
+  # specks seen at 3e-4); ceiling 0.99, PSNR 30.4 (3e-4: 0.94).
   c.vae.kl_weight = 1e-4
   c.vae.fit_examples = 512  # SD3's scaling / shift factors fitted on 512 training images
   c.vae.eval_examples = 64

@@ -19,6 +19,7 @@ import numpy as np
 
 from sd3jax import chips
 
+
 def peak_tflops(device_kind: str) -> float | None:
   """Dense bf16 peak TFLOP/s of one device of this kind (sd3jax.chips); None when unknown."""
   chip = chips.chip_for(device_kind)

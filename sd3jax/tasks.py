@@ -63,16 +63,12 @@ def zero_residual_branches(params: Any) -> Any:
   U-Net and of "Fixup"). From diffusers' torch init the same network first spends hundreds
   of steps on grey blobs (measured: see experiments/shapes.py).
   """
-  def visit(tree, name=""):
+  def visit(tree):
     if not isinstance(tree, Mapping):
       return tree
-    out = {}
-    for k, v in tree.items():
-      if k in ("conv2", "to_out_0") and isinstance(v, Mapping):
-        out[k] = jax.tree.map(jnp.zeros_like, v)
-      else:
-        out[k] = visit(v, k)
-    return out
+    return {k: jax.tree.map(jnp.zeros_like, v)
+            if k in ("conv2", "to_out_0") and isinstance(v, Mapping) else visit(v)
+            for k, v in tree.items()}
   return visit(params)
 
 
@@ -232,17 +228,20 @@ def make_data(config: ConfigDict) -> Iterator[dict[str, np.ndarray]]:
   return pipe.iterator()
 
 
+def first_images(source: Any, start: int, stop: int, size: int) -> np.ndarray:
+  """Images start..stop-1 of an image source, center-cropped to size^2, float32 NHWC in
+  [-1, 1]."""
+  from sd3jax.data import pipeline
+  return np.stack([pipeline.to_float(pipeline.resize_and_crop(ex["image"], size, size,
+                                                              crop="center")[0])
+                   for ex in source.__getitems__(list(range(start, stop)))])
+
+
 def held_out_images(config: ConfigDict) -> np.ndarray:
   """The first vae.eval_examples held-out images, float32 NHWC in [-1, 1] (all processes)."""
-  from sd3jax.data import pipeline
   _, source = image_sources(config)
   n = min(int(config.vae.eval_examples), len(source))
-  size = int(config.data.image_size)
-  out = []
-  for ex in source.__getitems__(list(range(n))):
-    pixels, _, _ = pipeline.resize_and_crop(ex["image"], size, size, crop="center")
-    out.append(pipeline.to_float(pixels))
-  return np.stack(out)
+  return first_images(source, 0, n, int(config.data.image_size))
 
 
 # =============================================================================================
@@ -326,16 +325,13 @@ def fit_latent_normalization(config: ConfigDict, model: vae_lib.AutoencoderKL, p
                              examples: int) -> tuple[float, float]:
   """(scaling_factor, shift_factor) fitted as SD3 fitted its 1.5305 / 0.0609: posterior
   samples of the first `examples` training images, shifted and scaled to mean 0, std 1."""
-  from sd3jax.data import pipeline
   source, _ = image_sources(config)
   n, size = min(int(examples), len(source)), int(config.data.image_size)
   encode = jax.jit(lambda p, x, rng: model.apply({"params": p}, x,
                                                  method=vae_lib.AutoencoderKL.encode).sample(rng))
   latents = []
   for start in range(0, n, 64):
-    images = np.stack([pipeline.to_float(pipeline.resize_and_crop(ex["image"], size, size,
-                                                                  crop="center")[0])
-                       for ex in source.__getitems__(list(range(start, min(n, start + 64))))])
+    images = first_images(source, start, min(n, start + 64), size)
     latents.append(np.asarray(encode(params, images, jax.random.key(start))))
   return vae_lib.latent_scale_shift(np.concatenate(latents))
 

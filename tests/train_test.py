@@ -256,6 +256,17 @@ def test_ema_update_period():
   assert float(optim.ema_update(ema, params, 3, 0.9, 2)["w"][0]) == 0.0
 
 
+def test_ema_warmup_caps_the_decay_early_and_not_late():
+  params, ema = {"w": np.ones(3, np.float32)}, {"w": np.zeros(3, np.float32)}
+  # step 1: decay min(0.998, 2 / 11) -> ema = 1 - 2/11
+  early = float(optim.ema_update(ema, params, 1, 0.998, 1, warmup=True)["w"][0])
+  assert early == pytest.approx(1.0 - 2.0 / 11.0, rel=1e-5)
+  # step 10,000: (1 + s) / (10 + s) > 0.998, so the configured decay holds
+  late = float(optim.ema_update(ema, params, 10_000, 0.998, 1, warmup=True)["w"][0])
+  assert late == pytest.approx(0.002, rel=1e-4)
+  assert float(optim.ema_update(ema, params, 1, 0.998, 1)["w"][0]) == pytest.approx(0.002, rel=1e-4)
+
+
 def test_adamw_eps_and_clipping_come_from_the_config():
   c = config_lib.defaults().optimizer
   with c.unlocked():

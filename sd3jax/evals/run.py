@@ -52,11 +52,11 @@ def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline
   """
   specs = eval_prompt_specs(config)
   size = int(config.data.image_size)
-  ev = config.eval
+  settings = sample_lib.run_sampling_settings(config)
   images = sample_lib.generate(
-      pipe, [s["prompt"] for s in specs], height=size, width=size,
-      steps=int(ev.get("sample_steps", 28)), guidance_scale=float(ev.get("sample_cfg", 5.0)),
-      shift=float(ev.get("sample_shift", 3.0)), seed=int(ev.get("seed", 0)), progress=False)
+      pipe, [s["prompt"] for s in specs], height=size, width=size, steps=settings["steps"],
+      guidance_scale=settings["cfg"], shift=settings["shift"],
+      seed=int(config.eval.get("seed", 0)), progress=False)
   return specs, images
 
 

@@ -13,9 +13,11 @@ each per-t mean. With config.eval.conditioning_gap, the same losses with every e
 
 (same examples, t and noise) says how much of the loss the text explains; cond_gap_rel is
 that as a fraction of the dropped loss. A model that learns its prompts grows it; one that
-ignores the text keeps it near 0. Why it is bitwise the same on any data-parallel mesh: the per-device batch
-is fixed (config.eval.per_device_batch), so every device runs the same program on the same
-rows whatever the device count; per-example losses are gathered to the host and summed in
+ignores the text keeps it near 0.
+
+Why it is bitwise the same on any data-parallel mesh: the per-device batch is fixed
+(config.eval.per_device_batch), so every device runs the same program on the same rows
+whatever the device count; per-example losses are gathered to the host and summed in
 float64 numpy in example order, so no cross-device reduction order enters the number.
 (Tensor parallelism splits contractions and is not covered by that guarantee.)
 
