@@ -11,13 +11,17 @@ config, the workdir and the remaining positional arguments, and returns an exit 
     print(config.total_steps)
     return 0
 
-Exit codes: 0 done; 2 bad command line or config (the message names the key and the
-fix); 75 (EX_TEMPFAIL) stopped by SIGTERM / SIGINT after saving a checkpoint, rerun
-the same command to resume.
+Exit codes: 0 done; 2 a user error: bad command line, config, path or data, one line that
+names the problem and the fix; 3 the run stopped itself (non-finite losses, no checkpoint
+it can restore), with its message; 75 (EX_TEMPFAIL) stopped by SIGTERM / SIGINT after
+saving a checkpoint, rerun the same command to resume. Anything else is a bug and keeps
+its traceback (exit 1).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -36,6 +40,8 @@ class Command:
   help: str
   needs_workdir: bool = True
   needs_config: bool = True  # False: the command can work without --config (e.g. --pipeline)
+  flags: tuple[str, ...] = ()     # the command's own flags, shown by `sd3jax NAME --help`
+  examples: tuple[str, ...] = ()
 
 
 COMMANDS: dict[str, Command] = {}
@@ -43,10 +49,13 @@ COMMANDS: dict[str, Command] = {}
 
 def command(name: str, help: str, *,
             needs_workdir: bool = True,
-            needs_config: bool = True) -> Callable[[CommandFn], CommandFn]:
+            needs_config: bool = True,
+            flags: Sequence[str] = (),
+            examples: Sequence[str] = ()) -> Callable[[CommandFn], CommandFn]:
   """Registers `fn(config, workdir, args) -> exit code` as `sd3jax NAME`."""
   def register(fn: CommandFn) -> CommandFn:
-    COMMANDS[name] = Command(fn, help, needs_workdir, needs_config)
+    COMMANDS[name] = Command(fn, help, needs_workdir, needs_config, tuple(flags),
+                             tuple(examples))
     return fn
   return register
 
@@ -90,7 +99,7 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   flags.DEFINE_bool("no_t5", False, "sample: T5 replaced by zeros.", flag_values=flag_values)
   flags.DEFINE_bool("ema", True, "sample / evaluate / export: EMA weights (--noema: raw).",
                     flag_values=flag_values)
-  flags.DEFINE_string("out", None, "sample: image folder (default WORKDIR/samples); export: "
+  flags.DEFINE_string("out", None, "sample: image folder (default WORKDIR/generated); export: "
                       "the diffusers folder.", flag_values=flag_values)
   flags.DEFINE_string("pipeline", None, "sample: a diffusers SD3 pipeline folder instead of a "
                       "run.", flag_values=flag_values)
@@ -112,11 +121,36 @@ def usage() -> str:
   lines = ["usage: sd3jax COMMAND --config experiments/FILE.py[:ARG] [--config.KEY=VALUE ...] "
            "[--workdir DIR]", "", "commands:"]
   lines += [f"  {name:10s} {c.help}" for name, c in sorted(COMMANDS.items())]
+  lines += ["", "sd3jax COMMAND --help: that command's flags and examples. -v: every library's "
+            "log lines (quiet by default)."]
   return "\n".join(lines)
 
 
-# Dashed spellings of flags (absl names use underscores): --no-t5, --all-steps.
-_DASHED = {"--no-t5": "--no_t5", "--all-steps": "--all_steps"}
+def command_help(name: str) -> str:
+  """`sd3jax NAME --help`: what the command does, its flags, examples."""
+  fv = flags.FlagValues()
+  define_flags(fv, [])
+  c = COMMANDS[name]
+  config = "--config experiments/FILE.py[:ARG]" if c.needs_config else "[--config FILE]"
+  workdir = "--workdir DIR" if c.needs_workdir else "[--workdir DIR]"
+  lines = [f"usage: sd3jax {name} {config} {workdir} [flags]", "", c.help, "", "flags:"]
+  names = (("config", "workdir") if name != "scaling" else ()) + c.flags
+  for flag in dict.fromkeys(names):
+    f = fv[flag]
+    text = re.sub(r"^[a-z /]+: ", "", f.help.splitlines()[0].rstrip(";"))  # "sample: ..."
+    default = "" if f.default in (None, "", [], False) else f" (default {f.default})"
+    spelling = f"--{flag}" if f.flag_type() == "bool" else f"--{flag} VALUE"
+    lines.append(f"  {spelling:24s} {text}{default}")
+  lines.append(f"  {'--config.KEY=VALUE':24s} override one setting of the experiment file")
+  lines.append(f"  {'-v':24s} show every library's log lines (quiet by default)")
+  if c.examples:
+    lines += ["", "examples:"] + [f"  {e}" for e in c.examples]
+  return "\n".join(lines)
+
+
+# Dashed spellings of flags (absl names use underscores): --no-t5, --all-steps; a bare -v
+# is absl's --verbosity=0 (INFO).
+_DASHED = {"--no-t5": "--no_t5", "--all-steps": "--all_steps", "-v": "--verbosity=0"}
 
 
 def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
@@ -126,9 +160,13 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
   argv = [_DASHED.get(a.partition("=")[0], a.partition("=")[0]) + a.partition("=")[1]
           + a.partition("=")[2] for a in argv]
   define_flags(fv, argv)
+  path = _config_path(argv)
+  if path and not os.path.isfile(path.split(":", 1)[0]):
+    raise UsageError(f"--config {path}: no such file {path.split(':', 1)[0]!r} (from "
+                     f"{os.getcwd()}); give an experiment file, e.g. experiments/shapes.py.")
   try:
     rest = fv(list(argv))
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
     raise UsageError(_explain_flag_error(argv, e)) from e
   if len(rest) < 2 or rest[1] not in COMMANDS:
     given = f"unknown command {rest[1]!r}\n" if len(rest) >= 2 else ""
@@ -142,11 +180,22 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
   return name, config, fv["workdir"].value, list(rest[2:])
 
 
-def _explain_flag_error(argv: Sequence[str], error: Exception) -> str:
-  """Turns config_flags' terse KeyError / AttributeError into a message naming the key."""
+def _config_path(argv: Sequence[str]) -> str | None:
+  """The --config value in argv (FILE.py[:ARG]), if any."""
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
     path = argv[argv.index("--config") + 1]
+  return path
+
+
+def _explain_flag_error(argv: Sequence[str], error: Exception) -> str:
+  """Turns config_flags' terse KeyError / AttributeError into a message naming the key, and
+  an experiment file's own error (a traceback inside the flag error) into its last line."""
+  path = _config_path(argv)
+  text = str(error)
+  if "Traceback" in text:  # get_config(ARG) raised: its message says what ARG accepts
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return f"--config {path}: {last}"
   overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   if path and overrides:
     try:
@@ -165,7 +214,11 @@ def _explain_flag_error(argv: Sequence[str], error: Exception) -> str:
 # Commands
 # ---------------------------------------------------------------------------
 
-@command("train", "Train (or resume) the experiment's model (MM-DiT or VAE) in --workdir.")
+@command("train", "Train (or resume) the experiment's model (MM-DiT or VAE) in --workdir.",
+         flags=("coordinator_address", "num_processes", "process_id"),
+         examples=("sd3jax train --config experiments/sd3_medium.py --workdir /ckpt/run1",
+                   "sd3jax train --config experiments/vae_f8.py:16 --workdir runs/vae "
+                   "--config.total_steps=2000"))
 def _train(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import train
   result = train.train(config, workdir)
@@ -177,20 +230,33 @@ def _train(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 
 @command("run", "The experiment's whole job (data, VAE, precompute, MM-DiT, sample, "
-         "evaluate) in --workdir; reruns resume.")
+         "evaluate) in --workdir; reruns resume.",
+         flags=("coordinator_address", "num_processes", "process_id"),
+         examples=("sd3jax run --config experiments/shapes.py --workdir runs/shapes",
+                   "sd3jax run --config experiments/shapes.py:smoke --workdir /tmp/smoke",
+                   "sd3jax run --config experiments/shapes.py --workdir runs/s2 "
+                   "--config.total_steps=2000"))
 def _run(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import job
   return job.run_main(config, workdir)
 
 
-@command("precompute", "VAE moments + text embeddings of config.precompute.source -> records in --workdir.")
+@command("precompute", "VAE moments + text embeddings of config.precompute.source -> records "
+         "in --workdir.", flags=("coordinator_address", "num_processes", "process_id"),
+         examples=("sd3jax precompute --config experiments/sd3_medium.py --workdir "
+                   "/data/records/train --config.precompute.source=/data/ingested",))
 def _precompute(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax.data import precompute
   return precompute.precompute_main(config, workdir) or 0
 
 
-@command("sample", "Text -> PNGs + grid from --workdir's weights or a --pipeline DIR.",
-         needs_workdir=False, needs_config=False)
+@command("sample", "Text -> PNGs + grid from --workdir's weights (a job's or a trainer's "
+         "run folder) or a --pipeline DIR.", needs_workdir=False, needs_config=False,
+         flags=("prompt", "prompts", "negative", "steps", "cfg", "shift", "sampler", "seed",
+                "no_t5", "ema", "step", "out", "pipeline"),
+         examples=('sd3jax sample --workdir runs/shapes --prompt "a red circle in the top left"',
+                   "sd3jax sample --workdir runs/shapes --prompts prompts.txt --cfg 7 --out /tmp/s",
+                   'sd3jax sample --pipeline /data/sd3 --prompt "a photo of a cat"'))
 def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import sample
   fv = flags.FLAGS
@@ -205,7 +271,9 @@ def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 
 @command("evaluate", "Validation loss (+ prompt following) of checkpoints into eval/*.json.",
-         needs_config=False)
+         needs_config=False, flags=("step", "all_steps", "ema"),
+         examples=("sd3jax evaluate --workdir runs/shapes",
+                   "sd3jax evaluate --workdir runs/shapes --all_steps"))
 def _evaluate(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax.evals import run
   fv = flags.FLAGS
@@ -214,7 +282,8 @@ def _evaluate(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 
 @command("export", "Write --workdir's weights as a diffusers SD3 pipeline folder --out.",
-         needs_config=False)
+         needs_config=False, flags=("out", "step", "ema"),
+         examples=("sd3jax export --workdir runs/shapes --out /tmp/shapes_pipeline",))
 def _export(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import sample
   fv = flags.FLAGS
@@ -225,7 +294,8 @@ def _export(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 
 @command("bench", "Steady-state train-step speed [--steps N] [--vs-diffusers].",
-         needs_workdir=False)
+         needs_workdir=False, flags=("steps", "vs-diffusers"),
+         examples=("sd3jax bench --config experiments/shapes.py --steps 20 --vs-diffusers",))
 def _bench(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import bench
   fv = flags.FLAGS
@@ -235,7 +305,9 @@ def _bench(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 
 @command("compile", "AOT-compile the train step for --topology: memory, fit, FLOPs, time.",
-         needs_workdir=False)
+         needs_workdir=False, flags=("topology",),
+         examples=("JAX_PLATFORMS=cpu sd3jax compile --config experiments/sd3_medium.py "
+                   "--topology v5p:4x4x4",))
 def _compile(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import compile as compile_lib
   if not flags.FLAGS.topology:
@@ -245,7 +317,9 @@ def _compile(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 
 @command("scaling", "Scaling curves of RUN_DIR... into --out [--eval-checkpoints] "
-         "[--target-flops X].", needs_workdir=False, needs_config=False)
+         "[--target-flops X].", needs_workdir=False, needs_config=False,
+         flags=("out", "eval-checkpoints", "target-flops"),
+         examples=("sd3jax scaling runs/scaling/* --out runs/scaling_report",))
 def _scaling(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import scaling
   fv = flags.FLAGS
@@ -264,12 +338,46 @@ def _scaling(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 # Entry point
 # ---------------------------------------------------------------------------
 
+EXIT_USER_ERROR = 2   # bad command line, config, path or data: the message says what to fix
+EXIT_STOPPED = 3      # a run stopped on purpose: non-finite losses, no usable checkpoint
+# A user's mistake, not sd3jax's: one line, no traceback. Anything else is a bug and keeps it.
+_USER_ERRORS = (config_lib.ConfigError, FileNotFoundError, NotADirectoryError,
+                IsADirectoryError, FileExistsError, PermissionError)
+
+
+def _stopped_errors() -> tuple[type[BaseException], ...]:
+  from sd3jax.checkpoint import CheckpointError
+  from sd3jax.train import NonFiniteError
+  return CheckpointError, NonFiniteError
+
+
+def run_command(name: str, config: ConfigDict, workdir: str | None, rest: Sequence[str]) -> int:
+  """Runs one command; maps the errors a user can fix to exit codes and a short message."""
+  try:
+    if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise NotADirectoryError(f"--workdir {workdir} is a file; give a folder (it is created "
+                               "if missing).")
+    return COMMANDS[name].fn(config, workdir, rest)
+  except _USER_ERRORS as e:
+    kind = "config error: " if isinstance(e, config_lib.ConfigError) else ""
+    print(f"sd3jax {name}: {kind}{e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  except Exception as e:  # noqa: BLE001 -- re-raised unless it is a deliberate stop
+    if isinstance(e, _stopped_errors()):
+      print(f"sd3jax {name}: stopped: {e}", file=sys.stderr)
+      return EXIT_STOPPED
+    raise
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """Console-script entry point (`sd3jax` in setup.py)."""
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(usage())
     sys.exit(0 if len(argv) >= 2 else 2)
+  if argv[1] in COMMANDS and any(a in ("-h", "--help") for a in argv[2:]):
+    print(command_help(argv[1]))
+    sys.exit(0)
   parsed = {}
 
   def flags_parser(args):
@@ -277,10 +385,12 @@ def main(argv: Sequence[str] | None = None) -> None:
       parsed["value"] = parse(args)
     except UsageError as e:
       print(f"sd3jax: {e}", file=sys.stderr)
-      sys.exit(2)
+      sys.exit(EXIT_USER_ERROR)
     return args
 
   def run(_):
+    from sd3jax import console
+    console.quiet(verbose=flags.FLAGS["verbosity"].present)
     name, config, workdir, rest = parsed["value"]
     from sd3jax import distributed  # before any JAX backend use
     fv = flags.FLAGS
@@ -288,12 +398,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     except ValueError as e:
       print(f"sd3jax {name}: {e}", file=sys.stderr)
-      return 2
-    try:
-      return COMMANDS[name].fn(config, workdir, rest)
-    except config_lib.ConfigError as e:
-      print(f"sd3jax {name}: config error: {e}", file=sys.stderr)
-      return 2
+      return EXIT_USER_ERROR
+    return run_command(name, config, workdir, rest)
 
   app.run(run, argv=argv, flags_parser=flags_parser)
 

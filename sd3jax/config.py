@@ -10,6 +10,7 @@ pass through unchecked until their command adds them here.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -213,6 +214,54 @@ def check_key_exists(config: ConfigDict, dotted: str) -> None:
     node = node[p]
 
 
+# Settings that name files or folders. A run stores them absolute, so that its config.json
+# means the same thing from any directory (`sd3jax sample --workdir RUN` from elsewhere).
+PATH_KEYS = ("data.path", "eval.path", "precompute.vae", "precompute.text_encoders",
+             "precompute.source", "init_from", "compilation_cache_dir", "vae.perceptual_path",
+             "job.data", "job.data_val")
+
+
+def absolute(path: str) -> str:
+  """`path` made absolute; "" and URLs (gs://...) are kept as they are."""
+  return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def with_absolute_paths(config: ConfigDict) -> ConfigDict:
+  """A copy of `config` whose PATH_KEYS that are set are absolute paths."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    for key in PATH_KEYS:
+      section, _, leaf = key.rpartition(".")
+      node = out
+      for part in section.split(".") if section else ():
+        node = node.get(part) if isinstance(node, ConfigDict) else None
+      if isinstance(node, ConfigDict) and isinstance(node.get(leaf), str):
+        node[leaf] = absolute(node[leaf])
+  return out
+
+
+# Settings a task never reads: left out of its config.json and log, so that neither shows
+# defaults that do not apply (an MM-DiT run's `vae:` block is not the VAE it used).
+_UNUSED_BY_TASK = {
+    "mmdit": ("vae", "job", "data.shapes_num_train", "data.shapes_num_val", "data.shapes_seed"),
+    "vae": ("model", "conditioning", "flow", "precompute", "job", "data.synthetic_period",
+            "data.p_synthetic", "data.producer_key", "eval.conditioning_gap",
+            "eval.prompts_per_category", "eval.sample_steps", "eval.sample_cfg",
+            "eval.sample_shift", "eval.clip_network", "eval.num_timesteps"),
+}
+
+
+def for_task(config_json: dict) -> dict:
+  """`to_json(config)` without the settings its task does not read."""
+  out = copy.deepcopy(config_json)
+  for key in _UNUSED_BY_TASK.get(out.get("task", ""), ()):
+    section, _, leaf = key.rpartition(".")
+    node = out.get(section) if section else out
+    if isinstance(node, dict):
+      node.pop(leaf, None)
+  return out
+
+
 def to_json(config: ConfigDict) -> dict:
   """A JSON-compatible dict of the config (tuples become lists)."""
   return json.loads(config.to_json_best_effort(sort_keys=True))
@@ -310,6 +359,20 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       raise ConfigError(f"config.data.source={config.data.source!r} with config.task='vae'; "
                         "use 'shapes' or 'records' (ingested images).")
 
+  # Numbers in their ranges: a negative learning rate trains (backwards), total_steps=0
+  # "finishes" at once; both are mistakes, not settings.
+  for key, (low, high, closed) in _RANGES.items():
+    section, _, leaf = key.rpartition(".")
+    value = (config[section] if section else config).get(leaf)
+    if value is None:
+      continue
+    ok = (value >= low if closed[0] else value > low) and (
+        high is None or (value <= high if closed[1] else value < high))
+    if not ok:
+      span = (("[" if closed[0] else "(") + f"{low}, " + ("inf)" if high is None else
+              f"{high}" + ("]" if closed[1] else ")")))
+      raise ConfigError(f"config.{key}={value} is out of range: it must be in {span}.")
+
   # Schedules, checkpointing, logging.
   names = ("warmup_constant", "cosine", "wsd")
   if config.schedule.name not in names:
@@ -324,6 +387,29 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     except ValueError as e:
       raise ConfigError(f"config.sharding_rules: {e}") from e
   return config
+
+
+# key -> (low, high or None, (low inclusive, high inclusive)); checked by validate().
+_RANGES = {
+    "total_steps": (1, None, (True, False)), "batch_size": (1, None, (True, False)),
+    "optimizer.learning_rate": (0.0, None, (False, False)),
+    "optimizer.b1": (0.0, 1.0, (True, False)), "optimizer.b2": (0.0, 1.0, (True, False)),
+    "optimizer.eps": (0.0, None, (False, False)),
+    "optimizer.weight_decay": (0.0, None, (True, False)),
+    "optimizer.grad_clip_norm": (0.0, None, (True, False)),
+    "optimizer.max_nonfinite_steps": (1, None, (True, False)),
+    "schedule.warmup_steps": (0, None, (True, False)),
+    "schedule.decay_steps": (0, None, (True, False)),
+    "schedule.final_fraction": (0.0, 1.0, (True, True)),
+    "ema.decay": (0.0, 1.0, (True, True)),
+    "data.p_synthetic": (0.0, 1.0, (True, True)),
+    "data.image_size": (1, None, (True, False)),
+    "flow.shift": (0.0, None, (False, False)), "flow.logit_std": (0.0, None, (False, False)),
+    "checkpoint.keep_last": (1, None, (True, False)),
+    "checkpoint.keep_every": (0, None, (True, False)),
+    "eval.every_steps": (0, None, (True, False)),
+    "vae.kl_weight": (0.0, None, (True, False)),
+}
 
 
 def complete(config: ConfigDict) -> ConfigDict:

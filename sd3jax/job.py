@@ -216,7 +216,7 @@ def stage_precompute(config: ConfigDict, paths: Paths) -> dict[str, Any]:
     if not c.precompute.source:
       logging.warning("No job.data_val: the validation loss falls back to synthetic batches.")
       continue
-    precompute.precompute_main(c, os.path.join(paths.records, split))
+    precompute.precompute_main(c, os.path.join(paths.records, split), announce=False)
     out[split] = os.path.join(paths.records, split)
   return out
 
@@ -328,6 +328,19 @@ def summary(paths: Paths, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
+# The checker's keys in the words of the README's score table.
+_SCORE_WORDS = (("attribute_color", "single-object colour"), ("attribute_shape", "shape"),
+                ("attribute_position", "position"), ("count", "counts"),
+                ("two_objects", "two objects"), ("single_object", "whole prompts: single"),
+                ("color", "colour"), ("position", "position"), ("overall", "overall"))
+
+
+def prompt_following_line(scores: dict[str, float]) -> str:
+  """'prompt following: single-object colour 0.97, shape 0.58, ...' from checker keys."""
+  return "prompt following: " + ", ".join(
+      f"{words} {scores[key]:.2f}" for key, words in _SCORE_WORDS if key in scores)
+
+
 def print_summary(s: dict[str, Any]) -> None:
   secs = s["seconds"]
   print("\nsd3jax run: done")
@@ -338,12 +351,14 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"  conditioning gap (loss with every encoder dropped - with captions): "
           f"{s['cond_gap']:.4f} ({100 * s['cond_gap_rel']:.1f}% of the dropped loss)")
   if s.get("shapes"):
-    print("  prompt following: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["shapes"].items())))
+    print("  " + prompt_following_line(s["shapes"]))
   if s.get("ceiling"):
     c = s["ceiling"]
+    words = dict(_SCORE_WORDS[:3])
     print(f"  checker ceiling: ground truth {c['truth_overall']:.2f}, through the VAE "
           f"{c['vae_overall']:.2f} (" + ", ".join(
-              f"{k[4:]} {v:.2f}" for k, v in c.items() if k.startswith("vae_attr")) + ")")
+              f"{words.get(k[4:], k[4:])} {v:.2f}" for k, v in c.items()
+              if k.startswith("vae_attr")) + ")")
   print(f"  grid: {s.get('grid')}\n  scores: {s.get('eval')}")
   if s.get("time_to_quality"):
     print(f"  time to quality: {s['time_to_quality']}")
@@ -354,6 +369,8 @@ def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] = STAGES)
   if "job" not in config:
     raise config_lib.ConfigError("sd3jax run needs an experiment with a `job` section, e.g. "
                                  "experiments/shapes.py; `sd3jax train` runs a single model.")
+  workdir = os.path.abspath(workdir)  # every path the job records means the same from anywhere
+  config = config_lib.with_absolute_paths(config)
   paths = Paths(workdir, config)
   prints = fingerprints(config)
   records: dict[str, dict[str, Any]] = {}
@@ -369,7 +386,6 @@ def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] = STAGES)
       print(f"[{stage}] done earlier, skipped")
       records[stage] = done
       continue
-    print(f"[{stage}] running")
     start = time.perf_counter()
     try:
       with _interruptible():

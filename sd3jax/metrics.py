@@ -87,6 +87,34 @@ def _scalar(v: Any) -> Any:
   return _SKIP
 
 
+def truncate_after(path: str, step: int) -> int:
+  """Drops the rows of metrics.jsonl logged after `step` (written whole: temp file, rename).
+
+  A run killed after logging step 120 but resumed from its checkpoint of step 100 logs
+  101-120 again; without this, readers saw two values for those steps. Returns the number
+  of rows dropped. A torn last line (the kill came mid-write) is dropped too.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1
+        continue
+      if int(row.get("step", 0)) > step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+  return dropped
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to metrics.jsonl ({"step", "time", ...}); mirrors
   to TensorBoard and tqdm.
@@ -95,18 +123,21 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
-               tensorboard: bool = True, progress_bar: bool = True):
+               tensorboard: bool = True, progress_bar: bool = True, desc: str | None = None):
     self.active = jax.process_index() == 0
     self._tb = self._bar = self._file = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    truncate_after(path, start_step)  # a resumed run re-logs the steps after its checkpoint
+    self._file = open(path, "a")
     if tensorboard:
       self._tb = _summary_writer_cls()(os.path.join(workdir, "tensorboard"))
     if progress_bar:
       from tqdm import tqdm
-      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       desc=desc)
     self._last_step = start_step
 
   def write(self, step: int, metrics: Mapping[str, Any],

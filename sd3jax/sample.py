@@ -338,6 +338,29 @@ def save_images(images: np.ndarray, out_dir: str, prompts: Sequence[str] | None 
 # ------------------------------------------------------------------------------------------------
 # From a training run: `sd3jax sample` and `sd3jax export`.
 # ------------------------------------------------------------------------------------------------
+def resolve_run_dir(workdir: str) -> str:
+  """The trainer run folder behind `workdir`: itself when it holds a config.json, or the
+  MM-DiT run (WORKDIR/mmdit) of a job folder written by `sd3jax run`. Raises
+  FileNotFoundError naming what is missing."""
+  if not workdir:
+    raise FileNotFoundError("No --workdir: pass a run folder (`sd3jax train --workdir`) or a "
+                            "job folder (`sd3jax run --workdir`).")
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    return workdir
+  if not os.path.exists(workdir):
+    raise FileNotFoundError(f"--workdir {workdir} does not exist.")
+  if not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is a file, not a run folder.")
+  if os.path.isdir(os.path.join(workdir, "job")):
+    mmdit_run = os.path.join(workdir, "mmdit")
+    if os.path.exists(os.path.join(mmdit_run, "config.json")):
+      return mmdit_run
+    raise FileNotFoundError(f"The job in {workdir} has not started training its MM-DiT yet; "
+                            "rerun the same `sd3jax run` command to finish it.")
+  raise FileNotFoundError(f"{workdir} is not a run folder: it has no config.json (written by "
+                          "`sd3jax train`) and no job/ (written by `sd3jax run`).")
+
+
 def run_config(config: Any, workdir: str | None) -> Any:
   """`config`, else the workdir's config.json (what the run trained with), completed."""
   from ml_collections import ConfigDict
@@ -345,7 +368,7 @@ def run_config(config: Any, workdir: str | None) -> Any:
   if config is None:
     path = os.path.join(workdir or "", "config.json")
     if not workdir or not os.path.exists(path):
-      raise ValueError(f"No --config and no {path}: pass --config experiments/FILE.py or a "
+      raise FileNotFoundError(f"No --config and no {path}: pass --config experiments/FILE.py or a "
                        "--workdir that a run wrote.")
     import json
     with open(path) as f:
@@ -484,7 +507,11 @@ def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
     pipe = load_pipeline(pipeline, use_t5=not no_t5)
     height = width = None
     defaults = {"steps": 28, "cfg": 5.0, "shift": pipe.shift}
+    out = out or os.path.join(".", "generated")
   else:
+    # Default: next to the run, apart from the trainer's own samples/step_N.png grids.
+    out = out or os.path.join(workdir or ".", "generated")
+    workdir = resolve_run_dir(workdir)  # a job folder means its MM-DiT run
     config = run_config(config, workdir)
     defaults = run_sampling_settings(config)
     pipe = pipeline_from_run(config, workdir, step=step, use_ema=use_ema,
@@ -494,7 +521,6 @@ def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
   steps = defaults["steps"] if steps is None else int(steps)
   cfg = defaults["cfg"] if cfg is None else float(cfg)
   shift = defaults["shift"] if shift is None else float(shift)
-  out = out or os.path.join(workdir or ".", "samples")
   images = generate(pipe, list(prompts), negative_prompt=negative, height=height, width=width,
                     steps=steps, guidance_scale=cfg, shift=shift, sampler=sampler, seed=seed,
                     use_t5=not no_t5)
@@ -506,6 +532,7 @@ def export_main(config: Any, workdir: str, out: str, *, use_ema: bool = True,
                 overwrite: bool = False) -> str:
   """`sd3jax export`: the run as a diffusers StableDiffusion3Pipeline folder."""
   from sd3jax.interop.pipeline import save_pipeline
+  workdir = resolve_run_dir(workdir)
   config = run_config(config, workdir)
   pipe = pipeline_from_run(config, workdir, step=step, use_ema=use_ema, shift=shift)
   if pipe.vae.config.shift_factor is None:
@@ -515,7 +542,7 @@ def export_main(config: Any, workdir: str, out: str, *, use_ema: bool = True,
   return save_pipeline(pipe, out, overwrite=overwrite)
 
 
-__all__ = ["Pipeline", "RunComponents", "SAMPLERS", "export_main", "generate", "initial_noise",
+__all__ = ["Pipeline", "RunComponents", "SAMPLERS", "export_main", "resolve_run_dir", "generate", "initial_noise",
            "latent_shape", "load_run_components", "load_run_params", "make_grid",
            "pipeline_from_params", "pipeline_from_run", "read_prompts", "run_config",
            "run_components_configured", "run_sampling_settings", "sample_main", "save_image",

@@ -41,6 +41,7 @@ from ml_collections import ConfigDict
 from sd3jax import checkpoint as ckpt_lib
 from sd3jax import conditioning
 from sd3jax import config as config_lib
+from sd3jax import console
 from sd3jax import metrics as metrics_lib
 from sd3jax import optim
 from sd3jax import parallel
@@ -413,7 +414,7 @@ def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Ca
   if restored is not None:
     if restored.data_state is not None and hasattr(data, "set_state"):
       data.set_state(data_state_of_this_process(restored.data_state))
-    logging.info("Resumed from step %d in %s.", restored.step, ckpt.directory)
+    console.say(f"Resumed from step {restored.step} ({ckpt.directory}).", every_process=True)
     return restored.state
   state, _ = parallel.create_sharded(init_fn, mesh, rules, jax.random.PRNGKey(config.seed),
                                      shardings=shardings)
@@ -503,9 +504,9 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
   """
   # -- setup --------------------------------------------------------------------------------
   devices = list(devices) if devices is not None else jax.devices()
-  config = config_lib.validate(config, num_devices=len(devices))
-  config_json = config_lib.to_json(config)
-  logging.info("Effective config:\n%s", config)
+  config = config_lib.with_absolute_paths(config_lib.validate(config, num_devices=len(devices)))
+  config_json = config_lib.for_task(config_lib.to_json(config))
+  logging.info("Effective config (the settings this run reads):\n%s", ConfigDict(config_json))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -541,7 +542,8 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
   # -- step: compiled once, ahead of time -----------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir, total_steps=config.total_steps, start_step=step,
                                      tensorboard=config.log.tensorboard,
-                                     progress_bar=config.log.progress_bar)
+                                     progress_bar=config.log.progress_bar,
+                                     desc=f"train {config.task}")
   eval_fns = list(eval_fns)
   if config.eval.every_steps > 0:
     eval_fns[:0] = task.make_evals()

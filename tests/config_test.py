@@ -80,6 +80,12 @@ def test_unknown_key_in_a_config_names_the_key(no_compiling):
     (dict(model__num_heads=3), r"config\.model\.hidden_size=64 is not divisible"),
     (dict(conditioning__t5_dim=16), r"config\.model\.joint_attention_dim=32 must equal"),
     (dict(schedule__name="linear"), r"config\.schedule\.name='linear'"),
+    (dict(optimizer__learning_rate=-1e-3),
+     r"config\.optimizer\.learning_rate=-0\.001 is out of range: it must be in \(0\.0, inf\)"),
+    (dict(total_steps=0), r"config\.total_steps=0 is out of range: it must be in \[1, inf\)"),
+    (dict(total_steps=-5), r"config\.total_steps=-5 is out of range"),
+    (dict(ema__decay=1.5), r"config\.ema\.decay=1\.5 is out of range: it must be in \[0\.0, 1\.0\]"),
+    (dict(data__p_synthetic=-0.1), r"config\.data\.p_synthetic=-0\.1 is out of range"),
 ])
 def test_bad_configs_fail_before_compiling(overrides, pattern, no_compiling, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=pattern):

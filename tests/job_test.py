@@ -3,6 +3,7 @@ interrupted with SIGTERM in the middle of MM-DiT training and rerun to completio
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,8 +34,10 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   workdir = tmp_path / "job"
   log_path = tmp_path / "first.log"
   with open(log_path, "w") as log:
-    proc = subprocess.Popen(_cmd(workdir), stdout=log, stderr=subprocess.STDOUT, env=_env(),
-                            cwd=ROOT)
+    # Launched from tmp_path with a relative --workdir: every path the job records must
+    # still work from elsewhere (checked with `sd3jax sample` below).
+    proc = subprocess.Popen(_cmd("job"), stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                            cwd=tmp_path)
     metrics = workdir / "mmdit" / "metrics.jsonl"
     deadline = time.time() + 900
     # Wait until MM-DiT training has logged a step, then stop the job.
@@ -58,7 +61,15 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   for stage in ("data", "encoders", "vae", "precompute"):
     assert f"[{stage}] done earlier, skipped" in proc.stdout
-  assert f"starting at step {stopped_at}" in proc.stderr  # resumed, not restarted
+  # Quiet by default: one line per stage on stdout, progress bars and warnings only on stderr
+  # (no absl INFO lines, no config dumps, no Orbax bookkeeping).
+  assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr[-3000:]
+  assert "Effective config" not in proc.stderr and "[process=0]" not in proc.stderr
+  stage_lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+  assert [line.split("]")[0][1:] for line in stage_lines] == list(job.STAGES), stage_lines
+  assert all(line.split("] ")[1].startswith("done ") for line in stage_lines), stage_lines
+  assert "prompt following: single-object colour" in proc.stdout
+  assert f"Resumed from step {stopped_at}" in proc.stdout  # resumed, not restarted
   summary = json.loads((workdir / "summary.json").read_text())
   assert os.path.exists(summary["grid"])
   assert summary["val_loss"] > 0 and 0.0 <= summary["shapes"]["overall"] <= 1.0
@@ -70,6 +81,32 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   assert os.path.getsize(summary["time_to_quality"]) > 0  # evals at steps 15 and 30
   records = json.loads((workdir / "job" / "train.json").read_text())
   assert records["steps"] == 30
+
+  # The run records absolute paths and settings of its own task only (no `vae:` block of
+  # defaults in the MM-DiT's config, no `job:` section).
+  mm_config = json.loads((workdir / "mmdit" / "config.json").read_text())
+  assert os.path.isabs(mm_config["precompute"]["vae"]), mm_config["precompute"]
+  assert os.path.isabs(mm_config["data"]["path"]) and os.path.isabs(mm_config["eval"]["path"])
+  assert "vae" not in mm_config and "job" not in mm_config
+  assert "shapes_num_train" not in mm_config["data"]
+  vae_config = json.loads((workdir / "vae" / "config.json").read_text())
+  assert "model" not in vae_config and vae_config["data"]["shapes_num_train"] == 256
+
+  # `sd3jax sample --workdir JOB` (the job's folder, not its mmdit/ run) from another
+  # directory; images go to JOB/generated, apart from the job's samples/ and training grids.
+  sampled = subprocess.run(
+      [sys.executable, "-m", "sd3jax.cli", "sample", "--workdir", str(workdir), "--prompt",
+       "a red circle", "--steps", "2"], capture_output=True, text=True, env=_env(), cwd=ROOT,
+      timeout=600)
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "generated")) == ["0000_a_red_circle.png", "grid.png"]
+  assert not re.search(r"^I\d{4} ", sampled.stderr, re.M), sampled.stderr[-3000:]
+  verbose = subprocess.run(
+      [sys.executable, "-m", "sd3jax.cli", "sample", "--workdir", str(workdir), "--prompt",
+       "a red circle", "--steps", "2", "--out", str(tmp_path / "v"), "-v"],
+      capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+  assert verbose.returncode == 0, verbose.stderr[-3000:]
+  assert re.search(r"^I\d{4} ", verbose.stderr, re.M), verbose.stderr[-3000:]  # -v: INFO back
 
   # A third run does nothing; a changed setting is refused, naming the stage.
   again = subprocess.run(_cmd(workdir), capture_output=True, text=True, env=_env(), cwd=ROOT)

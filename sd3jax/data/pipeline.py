@@ -798,8 +798,9 @@ def make_train_iterator(config, *, process_index: int | None = None,
   """
   d = config.data
   if not d.path:
-    raise ValueError("config.data.source='records' needs config.data.path: the folder "
-                     "`sd3jax precompute` wrote.")
+    from sd3jax.config import ConfigError
+    raise ConfigError("config.data.source='records' needs config.data.path: the folder "
+                      "`sd3jax precompute` (or `sd3jax run`, in WORKDIR/records/train) wrote.")
   from sd3jax.data import records
   source = records.RecordSource(d.path, kind=records.KIND_PRECOMPUTED)
   mismatches = config_mismatches(config, source.manifest.get("producer", {}))

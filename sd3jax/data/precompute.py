@@ -550,7 +550,7 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
   load = lambda c: _load(source, c, buckets[c.bucket], batch, encoder)
   from tqdm.auto import tqdm
   bar = tqdm(total=sum(len(planned[s]) for s in todo), unit="ex", disable=not progress,
-             desc=f"precompute {out_dir}" + (f" [process {pi}/{pc}]" if pc > 1 else ""))
+             desc=f"precompute {os.path.basename(os.path.normpath(out_dir))}" + (f" [process {pi}/{pc}]" if pc > 1 else ""))
   written, count = [], 0
   writer: records.ShardWriter | None = None
 
@@ -688,8 +688,9 @@ def _settings(config) -> dict[str, Any]:
   return settings
 
 
-def precompute_main(config, workdir: str) -> int:
-  """`sd3jax precompute`: records of config.precompute.source into `workdir`."""
+def precompute_main(config, workdir: str, announce: bool = True) -> int:
+  """`sd3jax precompute`: records of config.precompute.source into `workdir`; `announce`
+  prints how to train on them (the main job, which trains on them itself, passes False)."""
   from sd3jax import conditioning
   from sd3jax.interop import diffusers_vae
   s = _settings(config)
@@ -712,7 +713,7 @@ def precompute_main(config, workdir: str) -> int:
                "already done; producer_key %s.", res.examples_written, res.seconds,
                res.examples_per_sec, len(res.shards_written), len(res.shards_skipped),
                res.producer_key)
-  if res.manifest is not None:
+  if res.manifest is not None and announce:
     print(f"precomputed {res.manifest['num_examples']} examples into {workdir} "
           f"(producer_key {res.producer_key}); train with --config.data.source=records "
           f"--config.data.path={workdir}")

@@ -19,10 +19,13 @@ Examples are written in index order (`disable_shuffling`), so
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from typing import Any
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -140,8 +143,12 @@ def build_shapes(data_dir: str, resolution: int | tuple[int, int] = 64, num_trai
   """Renders and writes the dataset (no-op if already built); returns its directory."""
   config = make_config(resolution, num_train, num_val, seed)
   builder = Sd3jaxShapes(data_dir=data_dir, config=config)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False))
+  # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded.
+  with contextlib.redirect_stdout(io.StringIO()) as said:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False))
+  if said.getvalue().strip():
+    logging.info("TFDS: %s", said.getvalue().strip())
   return os.fspath(builder.data_dir)
 
 

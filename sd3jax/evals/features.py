@@ -156,7 +156,7 @@ def load_feature_network(path: str | None, key: str = "config.eval.fid_network"
                          ) -> FeatureNetwork | None:
   """The configured FID feature network, or None (logged) when `path` is empty."""
   if not path:
-    logging.warning("FID: not computed (%s is empty)", key)
+    logging.info("FID: not computed (%s is empty)", key)
     return None
   network = _resolve_factory(path)()
   if not callable(network):
@@ -169,7 +169,7 @@ def load_clip_network(path: str | None, key: str = "config.eval.clip_network"
                       ) -> ClipNetwork | None:
   """The configured CLIP network, or None (logged) when `path` is empty."""
   if not path:
-    logging.warning("CLIP score: not computed (%s is empty)", key)
+    logging.info("CLIP score: not computed (%s is empty)", key)
     return None
   network = _resolve_factory(path)()
   if not isinstance(network, ClipNetwork):

@@ -113,7 +113,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def evaluate_main(config: ConfigDict | None, workdir: str, step: int | None = None,
                   all_steps: bool = False, use_ema: bool = True) -> list[dict[str, Any]]:
-  """`sd3jax evaluate`: the latest checkpoint, `step`, or every checkpoint."""
+  """`sd3jax evaluate`: the latest checkpoint, `step`, or every checkpoint (of a trainer run
+  or of a job folder's MM-DiT)."""
+  workdir = sample_lib.resolve_run_dir(workdir)
   steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"{workdir} has no checkpoints/ steps to evaluate.")

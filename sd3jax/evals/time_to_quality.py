@@ -24,7 +24,10 @@ def eval_rows(metrics_path: str) -> list[dict[str, Any]]:
       line = line.strip()
       if not line:
         continue
-      row = json.loads(line)
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a kill
       if "time" in row and any(k.startswith("eval/") for k in row):
         rows.setdefault(int(row["step"]), {}).update(row)
   return [rows[s] for s in sorted(rows)]

@@ -1,0 +1,64 @@
+"""What a person at the terminal sees: quiet logs by default, one line per event that matters.
+
+The libraries under sd3jax (Orbax, TFDS, JAX, transformers) log at INFO for their own
+developers: about 600 lines for the main job. `quiet()` keeps warnings from sd3jax and
+errors from everything else; `sd3jax ... -v` (or `--verbosity=0`) shows it all again.
+"""
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import sys
+
+_THIRD_PARTY = ("tensorflow_datasets", "orbax", "jax._src", "transformers", "grain", "absl")
+
+
+class _ThirdPartyWarnings(py_logging.Filter):
+  """Drops warnings that third-party packages emit through absl's logger (TFDS' "OpenCV is
+  not installed", "Using custom data configuration") unless they are errors."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.ERROR:
+      return True
+    path = record.pathname.replace(os.sep, "/")
+    return not any(f"/{name.replace('.', '/')}/" in path for name in _THIRD_PARTY[:-1])
+
+
+_FILTER = _ThirdPartyWarnings()
+
+
+def quiet(verbose: bool = False) -> None:
+  """Quiet defaults for the command line; with `verbose`, every library's INFO lines."""
+  from absl import logging
+  if verbose:
+    logging.set_verbosity(logging.INFO)
+    for handler in py_logging.getLogger().handlers:
+      handler.removeFilter(_FILTER)
+    return
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # "PyTorch was not found", ...
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.set_verbosity(logging.WARNING)
+  py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.ERROR)  # "no TPU backend"
+  for handler in py_logging.getLogger().handlers:
+    handler.addFilter(_FILTER)
+  logging.get_absl_handler().addFilter(_FILTER)
+  try:  # TFDS' own progress bars and its "Downloading and preparing dataset" lines.
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
+
+
+def is_quiet() -> bool:
+  from absl import logging
+  return logging.get_verbosity() < logging.INFO
+
+
+def say(message: str, every_process: bool = False) -> None:
+  """A line for the person running the command, flushed at once; from process 0 only
+  unless `every_process` (each host's own state, e.g. the step it resumed from)."""
+  if not every_process:
+    import jax
+    if jax.process_index() != 0:
+      return
+  print(message, flush=True, file=sys.stdout)
