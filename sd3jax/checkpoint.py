@@ -5,11 +5,18 @@ One folder per step under <workdir>/checkpoints/, holding three items:
   data    the data iterator's JSON state, so a resume continues with the next batch
   config  the effective config of the run that wrote the step
 
+Each step also holds `checksums`: two 32-bit sums of every state array's bits (plain and
+position-weighted), computed on device when the step is saved and checked after every
+restore. Storage does not check content: a flipped bit in a month-long run's optimizer
+state would otherwise resume silently (issue 17 measured EMA weights of 1.6e38 that way).
+
 Saves are asynchronous (the step loop continues while files are written). Restores go
-straight into the target shardings, so a run may resume on a different mesh. A restore
-that fails raises; the only fallback is from an unreadable *latest* step to the one before
-it, with a warning, because a job killed mid-write is routine and a silent fresh start is
-not acceptable.
+straight into the target shardings, so a run may resume on a different mesh. A step that
+cannot be restored (files cut short by a kill, missing, or failing its checksums) is
+skipped with a warning for the next older one, newest first; once one restores, the bad
+ones are moved aside (checkpoints/unreadable_STEP). When none restores, CheckpointError
+lists every step with its reason and nothing is moved: a silent fresh start is not
+acceptable.
 """
 from __future__ import annotations
 
@@ -22,15 +29,69 @@ from typing import Any, Callable
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-ITEMS = ("state", "data", "config")
+ITEMS = ("state", "data", "config", "checksums")
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored; the run must not start fresh."""
+
+
+class ChecksumMismatch(CheckpointError):
+  """A restored step's arrays differ from what was saved (bit rot, a damaged copy)."""
+
+
+# ---------------------------------------------------------------------------
+# Content checksums
+# ---------------------------------------------------------------------------
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 words (narrower types widened, 8-byte types split in two)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+  """[sum of words, sum of words x (2 index + 1)] mod 2^32. Integer sums are exact in any
+  order, so the result does not depend on the sharding; the weighted sum catches swaps."""
+  words = _as_uint32(x)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim) * jnp.uint32(
+        stride % (1 << 32))
+    stride *= words.shape[dim]
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                    jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)])
+
+
+_tree_sums = jax.jit(lambda arrays: [_leaf_sums(a) for a in arrays])
+
+
+def state_checksums(state: Any) -> dict[str, list[int]]:
+  """{leaf path: [sum, weighted sum]} of every array in `state` (computed on its devices)."""
+  leaves = [(jax.tree_util.keystr(path), leaf) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(state)
+            if isinstance(leaf, (jax.Array, np.ndarray))]
+  sums = jax.device_get(_tree_sums([leaf for _, leaf in leaves]))
+  return {path: [int(v) for v in np.asarray(s)] for (path, _), s in zip(leaves, sums)}
+
+
+def verify_checksums(state: Any, saved: dict[str, list[int]]) -> None:
+  """Raises ChecksumMismatch naming the arrays whose bits differ from `saved`."""
+  now = state_checksums(state)
+  bad = [path for path, sums in saved.items() if path in now and now[path] != list(sums)]
+  if bad:
+    raise ChecksumMismatch(f"content checksum mismatch in {len(bad)} of {len(saved)} arrays "
+                           f"(first: {bad[0]})")
 
 
 @dataclasses.dataclass
@@ -79,7 +140,8 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
+                       "config": ocp.JsonCheckpointHandler(),
+                       "checksums": ocp.JsonCheckpointHandler()})
 
   # -- saving ------------------------------------------------------------------------------------
 
@@ -89,7 +151,8 @@ class Checkpointer:
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-        config=ocp.args.JsonSave(config))
+        config=ocp.args.JsonSave(config),
+        checksums=ocp.args.JsonSave(state_checksums(state)))
     self._mngr.save(int(step), args=args, force=True)
     if wait:
       self._mngr.wait_until_finished()
@@ -112,58 +175,79 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def restore_step(self, step: int, abstract_state: Any) -> Restored:
-    """Restores `step` into the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    """Restores `step` into the shardings carried by `abstract_state` (ShapeDtypeStructs),
+    and checks its content checksums (steps saved before they existed are not checked)."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-    out = self._mngr.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
-        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    items = dict(state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
+                 data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+    checked = (epath.Path(self.directory) / str(int(step)) / "checksums").exists()
+    if checked:
+      items["checksums"] = ocp.args.JsonRestore()
+    out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
+    if checked:
+      verify_checksums(out["state"], out["checksums"])
     data = out["data"] or None
     return Restored(int(step), out["state"], data, out["config"])
 
   def restore_latest(self, abstract_state: Any) -> Restored | None:
-    """The latest readable step, or None when there is no checkpoint at all.
-
-    An unreadable latest step (cut short by a kill, truncated files) falls back to the
-    previous step with a warning. Anything else that fails raises CheckpointError.
-    """
+    """The newest step that restores and passes its checksums, or None when there is no
+    checkpoint at all. Steps that fail are moved aside once an older one restores; when
+    none does, CheckpointError lists each step and why (nothing is moved)."""
     steps = self.all_steps()
     if not steps:
       return None
-    latest = steps[-1]
-    try:
-      return self.restore_step(latest, abstract_state)
-    except Exception as e:  # noqa: BLE001 -- any failure is reported or re-raised below
-      if len(steps) < 2:
-        raise CheckpointError(
-            f"Cannot restore checkpoint step {latest} in {self.directory} and there is no "
-            f"earlier step to fall back to: {e!r}. Refusing to start fresh; move the folder "
-            f"away to start over.") from e
-      previous = steps[-2]
-      logging.warning("Checkpoint step %d in %s is unreadable (%r); falling back to step %d.",
-                      latest, self.directory, e, previous)
+    failures: list[tuple[int, str]] = []
+    for step in reversed(steps):
       try:
-        restored = self.restore_step(previous, abstract_state)
-      except Exception as e2:  # noqa: BLE001
-        raise CheckpointError(
-            f"Cannot restore checkpoint steps {latest} or {previous} in {self.directory} "
-            f"(latest: {e!r}; previous: {e2!r}). Two unreadable steps usually mean the config "
-            f"no longer matches the checkpoint (model shape, optimizer). Refusing to start "
-            f"fresh.") from e2
-      self._quarantine(latest)
+        restored = self.restore_step(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 -- every failure is reported below
+        failures.append((step, _reason(e)))
+        logging.warning("Checkpoint step %d in %s cannot be restored: %s.", step,
+                        self.directory, failures[-1][1])
+        continue
+      for bad, _ in failures:
+        self._quarantine(bad)
+      if failures:
+        logging.warning("Resuming from step %d, the newest readable one; steps %s were moved "
+                        "aside as unreadable_STEP.", step, [s for s, _ in failures])
       return restored
+    raise CheckpointError(
+        f"No checkpoint in {self.directory} can be restored:\n"
+        + "".join(f"  step {s}: {why}\n" for s, why in failures)
+        + "Nothing was moved or deleted. If the model or optimizer settings changed since "
+        "these steps were written, rerun with the settings they were written with (each "
+        "step's config/ holds them), or start a new --workdir with config.init_from set to "
+        "this run to keep its weights. If the files are damaged, restore them from a copy, "
+        "or move the checkpoints folder away to start over.")
 
   def _quarantine(self, step: int) -> None:
     """Moves an unreadable step aside so the next save of that step does not collide."""
     if jax.process_index() == 0:
       src = epath.Path(self.directory) / str(step)
-      dst = epath.Path(self.directory) / f"unreadable_{step}"
-      if src.is_dir() and not dst.exists():
+      dst, n = epath.Path(self.directory) / f"unreadable_{step}", 1
+      while dst.exists():
+        dst, n = epath.Path(self.directory) / f"unreadable_{step}.{n}", n + 1
+      if src.is_dir():
         src.rename(dst)
         logging.warning("Moved the unreadable step folder to %s.", dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"sd3jax_quarantine_{step}")
     self._mngr.reload()
+
+
+def _reason(error: Exception) -> str:
+  """One line for why a step did not restore (TensorStore errors run to kilobytes)."""
+  if isinstance(error, ChecksumMismatch):
+    return str(error)
+  text = " ".join(str(error).split())
+  if "shape" in text.lower() and ("mismatch" in text.lower() or "expected" in text.lower()):
+    kind = "array shapes differ from this run's (did the model config change?)"
+  elif isinstance(error, FileNotFoundError) or "not found" in text.lower():
+    kind = "files are missing"
+  else:
+    kind = "unreadable"
+  return f"{kind}: {type(error).__name__}: {text[:160]}" + ("..." if len(text) > 160 else "")
 
 
 # ---------------------------------------------------------------------------

@@ -345,6 +345,11 @@ _USER_ERRORS = (config_lib.ConfigError, FileNotFoundError, NotADirectoryError,
                 IsADirectoryError, FileExistsError, PermissionError)
 
 
+def _data_errors() -> tuple[type[BaseException], ...]:
+  from sd3jax.data.records import DataError
+  return (DataError,)
+
+
 def _stopped_errors() -> tuple[type[BaseException], ...]:
   from sd3jax.checkpoint import CheckpointError
   from sd3jax.train import NonFiniteError
@@ -363,6 +368,13 @@ def run_command(name: str, config: ConfigDict, workdir: str | None, rest: Sequen
     print(f"sd3jax {name}: {kind}{e}", file=sys.stderr)
     return EXIT_USER_ERROR
   except Exception as e:  # noqa: BLE001 -- re-raised unless it is a deliberate stop
+    cause, depth = e, 0
+    while cause is not None and not isinstance(cause, _data_errors()) and depth < 16:
+      cause, depth = cause.__cause__ or cause.__context__, depth + 1  # grain re-raises it
+    cause = cause if isinstance(cause, _data_errors()) else None
+    if cause is not None:
+      print(f"sd3jax {name}: data error: {cause}", file=sys.stderr)
+      return EXIT_USER_ERROR
     if isinstance(e, _stopped_errors()):
       print(f"sd3jax {name}: stopped: {e}", file=sys.stderr)
       return EXIT_STOPPED

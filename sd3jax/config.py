@@ -53,6 +53,8 @@ def defaults() -> ConfigDict:
       synthetic_period=0,      # synthetic batches repeat after this many (0: never)
       p_synthetic=0.5,         # records: probability of the synthetic caption
       producer_key="",         # records: required producer key of the precomputed set
+      max_bad_records=0,       # records: unreadable records skipped (and counted) before a
+                               # run stops on one; 0 stops at the first, naming its shard
       workers=0, threads=2, prefetch=4,  # records: grain worker processes / threads / buffer
       # task="vae": source "shapes" (a TFDS build at path, rendered if missing) or "records"
       shapes_num_train=10_000, shapes_num_val=1_000, shapes_seed=0,
@@ -245,7 +247,7 @@ def with_absolute_paths(config: ConfigDict) -> ConfigDict:
 _UNUSED_BY_TASK = {
     "mmdit": ("vae", "job", "data.shapes_num_train", "data.shapes_num_val", "data.shapes_seed"),
     "vae": ("model", "conditioning", "flow", "precompute", "job", "data.synthetic_period",
-            "data.p_synthetic", "data.producer_key", "eval.conditioning_gap",
+            "data.p_synthetic", "data.producer_key", "data.max_bad_records", "eval.conditioning_gap",
             "eval.prompts_per_category", "eval.sample_steps", "eval.sample_cfg",
             "eval.sample_shift", "eval.clip_network", "eval.num_timesteps"),
 }
@@ -404,6 +406,7 @@ _RANGES = {
     "ema.decay": (0.0, 1.0, (True, True)),
     "data.p_synthetic": (0.0, 1.0, (True, True)),
     "data.image_size": (1, None, (True, False)),
+    "data.max_bad_records": (0, None, (True, False)),
     "flow.shift": (0.0, None, (False, False)), "flow.logit_std": (0.0, None, (False, False)),
     "checkpoint.keep_last": (1, None, (True, False)),
     "checkpoint.keep_every": (0, None, (True, False)),

@@ -273,7 +273,7 @@ def stage_evaluate(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   step = eval_run.checkpoint_steps(paths.mmdit)[-1]
   result = _in_training_eval(paths, step)
   if result is None:
-    result = eval_run.evaluate_checkpoint(c, paths.mmdit, step)
+    result = eval_run.evaluate_checkpoint(c, paths.mmdit, step, progress=True)
   if int(config.job.get("ceiling_examples", 0)) > 0 and not config.job.data:
     result["ceiling"] = vae_ceiling(c, paths)
   _write_json(paths.eval, result)

@@ -346,6 +346,10 @@ def resolve_run_dir(workdir: str) -> str:
     raise FileNotFoundError("No --workdir: pass a run folder (`sd3jax train --workdir`) or a "
                             "job folder (`sd3jax run --workdir`).")
   if os.path.exists(os.path.join(workdir, "config.json")):
+    folder = os.path.join(workdir, "checkpoints")
+    if not (os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))):
+      raise FileNotFoundError(f"The run in {workdir} has not saved a checkpoint yet; train it "
+                              "further (rerun its command) first.")
     return workdir
   if not os.path.exists(workdir):
     raise FileNotFoundError(f"--workdir {workdir} does not exist.")
@@ -354,7 +358,7 @@ def resolve_run_dir(workdir: str) -> str:
   if os.path.isdir(os.path.join(workdir, "job")):
     mmdit_run = os.path.join(workdir, "mmdit")
     if os.path.exists(os.path.join(mmdit_run, "config.json")):
-      return mmdit_run
+      return resolve_run_dir(mmdit_run)
     raise FileNotFoundError(f"The job in {workdir} has not started training its MM-DiT yet; "
                             "rerun the same `sd3jax run` command to finish it.")
   raise FileNotFoundError(f"{workdir} is not a run folder: it has no config.json (written by "

@@ -45,6 +45,7 @@ from sd3jax import console
 from sd3jax import metrics as metrics_lib
 from sd3jax import optim
 from sd3jax import parallel
+from sd3jax.data import records
 from sd3jax.data import synthetic
 from sd3jax.models import mmdit
 
@@ -559,6 +560,7 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
                         out_shardings=(shardings, parallel.replicated(mesh)),  # host reads
                         donate_argnums=0)
       compiled = {}   # batch shapes -> executable (one per aspect-ratio bucket)
+      bad_records, max_bad = 0, int(config.data.get("max_bad_records", 0))
       pending = None  # (step, metrics on device) of the last dispatched step
       last_log: dict[str, list] = {}
 
@@ -587,13 +589,24 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
         last_log.clear()
         record.update(learning_rate=float(m["learning_rate"]), param_norm=float(m["param_norm"]),
                       nonfinite_total=int(m["nonfinite_total"]), **speed.update(done_step))
+        if max_bad:
+          record["data/bad_records"] = bad_records  # this process, since this start
         writer.write(done_step, record, histograms={"timesteps" if k == "t" else k: m["aux"][k]
                                                     for k in task.histograms})
         history.append({"step": done_step, **record})
 
       speed.start(step)
       while step < config.total_steps:
-        batch = shard_batch(next(data), mesh, batch_axes(rules))
+        host_batch = dict(next(data))
+        bad = host_batch.pop("bad_records", None)  # slots refilled by the pipeline
+        if bad is not None and np.any(bad):
+          bad_records += int(np.sum(bad))
+          if bad_records > max_bad:
+            raise records.DataError(
+                f"{bad_records} unreadable training records by step {step + 1}, more than "
+                f"config.data.max_bad_records={max_bad}; each is named in a warning above. "
+                "Rewrite those shards, or raise the limit.")
+        batch = shard_batch(host_batch, mesh, batch_axes(rules))
         data_state = data.get_state() if hasattr(data, "get_state") else None
         shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if shapes not in compiled:
@@ -622,6 +635,9 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
           break
       if pending is not None:
         handle(*pending)
+      if bad_records:
+        logging.warning("Skipped %d unreadable training records (config.data.max_bad_records=%d); "
+                        "each is named in a warning above.", bad_records, max_bad)
       # -- finish (e.g. export) ------------------------------------------------------------
       if task.finish is not None and step == config.total_steps and not interrupted:
         task.finish(workdir, state)

@@ -91,8 +91,9 @@ def test_truncated_latest_step_falls_back_to_the_previous_one(run, tmp_path, cap
   with caplog.at_level("WARNING"):
     restored = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(abstract)
   assert restored.step == 3 and restored.data_state["next_index"] == 3
-  assert any("step 6" in r.getMessage() and "falling back to step 3" in r.getMessage()
+  assert any("step 6" in r.getMessage() and "cannot be restored" in r.getMessage()
              for r in caplog.records)
+  assert any("Resuming from step 3" in r.getMessage() for r in caplog.records)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "unreadable_6"))
   # Resuming from step 3 retraces steps 4-6 exactly.
   result = train.train(tiny(), workdir)
@@ -106,9 +107,71 @@ def test_unreadable_only_checkpoint_is_an_error_not_a_fresh_start(run, tmp_path)
   shutil.copytree(source, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
   truncate_latest(os.path.join(workdir, "checkpoints"))
-  with pytest.raises(ckpt_lib.CheckpointError, match="Refusing to start fresh"):
+  with pytest.raises(ckpt_lib.CheckpointError, match="No checkpoint in .* can be restored"):
     train.train(tiny(), workdir)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "0"))
+
+
+def flip_bytes(checkpoints: str, step: int, count: int = 64) -> str:
+  """Inverts `count` bytes in the middle of the step's largest array file (same size)."""
+  files = [f for f in glob.glob(os.path.join(checkpoints, str(step), "state", "**", "d", "*"),
+                                recursive=True) if os.path.isfile(f)]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    f.seek(0)
+    f.write(data)
+  return path
+
+
+def test_bit_flipped_step_fails_its_checksums_and_an_older_step_is_used(run, tmp_path, caplog):
+  """Flipped bytes in the two newest of three kept steps: the run resumes from the oldest,
+  retraces the rest exactly, and the bad steps are moved aside."""
+  source, straight = run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  result = train.train(tiny(total_steps=9, checkpoint__keep_last=3), workdir)  # 3, 6, 9 kept
+  checkpoints = os.path.join(workdir, "checkpoints")
+  assert sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) == [3, 6, 9]
+  for step in (9, 6):
+    flip_bytes(checkpoints, step)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          straight.state)
+  with pytest.raises(ckpt_lib.ChecksumMismatch, match="content checksum mismatch"):
+    ckpt_lib.Checkpointer(checkpoints, read_only=True).restore_step(9, abstract)
+  with caplog.at_level("WARNING"):
+    resumed = train.train(tiny(total_steps=9, checkpoint__keep_last=3), workdir)
+  warnings = [r.getMessage() for r in caplog.records]
+  assert any("step 9" in w and "content checksum mismatch" in w for w in warnings), warnings
+  assert any("Resuming from step 3" in w for w in warnings), warnings
+  assert [r["step"] for r in resumed.history] == [4, 5, 6, 7, 8, 9]
+  assert_same(resumed.state, result.state)
+  names = sorted(os.listdir(checkpoints))
+  assert "unreadable_9" in names and "unreadable_6" in names
+
+
+def test_every_step_unreadable_lists_each_step_in_a_short_message(run, tmp_path):
+  source, straight = run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  flip_bytes(checkpoints, 6)
+  truncate_latest_of = lambda step: [open(f, "r+b").truncate(3) for f in glob.glob(
+      os.path.join(checkpoints, str(step), "state", "**", "d", "*"), recursive=True)
+      if os.path.isfile(f)]
+  truncate_latest_of(3)
+  with pytest.raises(ckpt_lib.CheckpointError) as info:
+    train.train(tiny(), workdir)
+  message = str(info.value)
+  lines = message.splitlines()
+  assert lines[0] == f"No checkpoint in {checkpoints} can be restored:"
+  assert lines[1].startswith("  step 6: content checksum mismatch")
+  assert lines[2].startswith("  step 3: unreadable")
+  assert len(lines) == 4 and max(map(len, lines)) < 600, message
+  assert "config no longer matches" not in message
+  assert sorted(n for n in os.listdir(checkpoints)) == ["3", "6"]  # nothing moved
 
 
 def test_init_from_loads_weights_only(run, tmp_path):

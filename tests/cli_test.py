@@ -84,6 +84,9 @@ def test_resolve_run_dir_finds_the_mmdit_run_of_a_job(tmp_path):
   run.mkdir(parents=True)
   (tmp_path / "job" / "job").mkdir()
   (run / "config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="has not saved a checkpoint yet"):
+    sample.resolve_run_dir(str(tmp_path / "job"))
+  (run / "checkpoints" / "5").mkdir(parents=True)
   assert sample.resolve_run_dir(str(tmp_path / "job")) == str(run)
   assert sample.resolve_run_dir(str(run)) == str(run)
 

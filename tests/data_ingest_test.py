@@ -221,3 +221,27 @@ def test_shard_writer_is_atomic_and_manifest_verifies(tmp_path):
     w.write({"i": 3, "z": np.zeros(2, np.float32)})
   with pytest.raises(ValueError, match="does not hold"):
     R.RecordSource(out)
+
+
+def test_captions_that_are_not_utf8_are_skipped_by_name_or_read_in_their_encoding(tmp_path):
+  """No caption is stored with bytes replaced; an empty image file says so in plain words."""
+  root = tmp_path / "in"
+  root.mkdir()
+  (root / "ok.jpg").write_bytes(_encode(8, 8, 0))
+  (root / "ok.txt").write_text("a red circle")
+  (root / "latin.jpg").write_bytes(_encode(8, 8, 1))
+  (root / "latin.txt").write_bytes("a café".encode("latin-1"))  # 0xe9: not UTF-8
+  (root / "empty.jpg").write_bytes(b"")
+  (root / "empty.txt").write_text("nothing")
+  summary = I.ingest(str(root), str(tmp_path / "strict"), progress=False)
+  assert summary["num_ok"] == 1
+  assert summary["skipped"] == {"bad_caption_encoding": ["latin"], "corrupt_image": ["empty"]}
+  details = {e["name"]: e["detail"] for e in summary["errors"]}
+  assert details["latin"].startswith("the caption is not valid utf-8 (byte 0xe9 at position 5)")
+  assert "caption_encoding" in details["latin"]
+  assert details["empty"] == "the image file is empty (0 bytes)"
+  summary = I.ingest(str(root), str(tmp_path / "latin1"), progress=False,
+                     caption_encoding="latin-1")
+  assert summary["num_ok"] == 2
+  src = R.RecordSource(str(tmp_path / "latin1"), kind=R.KIND_IMAGE_TEXT)
+  assert sorted(src[i]["caption_original"] for i in range(len(src))) == ["a café", "a red circle"]

@@ -368,3 +368,53 @@ def test_precompute_throughput_64x64(setup, tmp_path):
   print(f"\nprecompute 64x64 (embedded encoders, both captions, vae_config(16), 1 CPU device, "
         f"batch 16): {r.examples_per_sec:.1f} examples/s steady state; first shard incl. "
         f"compile {warm.seconds:.1f} s")
+
+
+class _Damaged:
+  """The shapes source with some examples unreadable, as a damaged record shard reads."""
+
+  def __init__(self, source, bad):
+    self.source, self.bad = source, set(bad)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getattr__(self, name):
+    return getattr(self.source, name)
+
+  def read_many(self, indices):
+    return [records.BadRecordError("shard-00000.array_record", i, i, "chunk data hash "
+                                   "mismatch at byte 1234") if i in self.bad else self.source[i]
+            for i in indices]
+
+
+def test_bad_source_records_stop_by_name_or_are_skipped_and_counted(setup, tmp_path):
+  damaged = _Damaged(setup["source"], bad=[3, 11])
+  with pytest.raises(records.BadRecordError, match=r"shard-00000.array_record: record 3"):
+    pc.precompute(damaged, str(tmp_path / "strict"), setup["vae"], setup["te"],
+                  global_batch=BATCH, resolution=RES, examples_per_shard=PER_SHARD,
+                  progress=False)
+  with pytest.raises(records.DataError, match="2 unreadable source records, more than "
+                     "max_bad_records=1"):
+    pc.precompute(damaged, str(tmp_path / "one"), setup["vae"], setup["te"],
+                  global_batch=BATCH, resolution=RES, examples_per_shard=PER_SHARD,
+                  progress=False, max_bad_records=1)
+  out = str(tmp_path / "skip")
+  result = pc.precompute(damaged, out, setup["vae"], setup["te"], global_batch=BATCH,
+                         resolution=RES, examples_per_shard=PER_SHARD, progress=False,
+                         max_bad_records=2)
+  assert result.complete
+  manifest = records.read_manifest(out)
+  assert manifest["num_examples"] == N - 2 and manifest["bad_records"]["count"] == 2
+  assert sorted(b["index"] for b in manifest["bad_records"]["first"]) == [3, 11]
+  src, ref = records.RecordSource(out), records.RecordSource(setup["ref"])
+  kept = [src[i]["index"] for i in range(len(src))]
+  assert sorted(kept) == [i for i in range(N) if i not in (3, 11)]
+  by_index = {ref[i]["index"]: ref[i] for i in range(len(ref))}
+  for i in range(len(src)):  # the good examples are exactly the reference run's
+    assert src[i]["vae_mean"].tobytes() == by_index[src[i]["index"]]["vae_mean"].tobytes()
+  # A rerun finds every shard complete (the skipped records are part of the plan's record).
+  again = pc.precompute(damaged, out, setup["vae"], setup["te"], global_batch=BATCH,
+                        resolution=RES, examples_per_shard=PER_SHARD, progress=False,
+                        max_bad_records=2)
+  assert again.complete and not again.shards_written

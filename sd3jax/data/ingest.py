@@ -9,9 +9,11 @@ Sources:
     files, or a list of paths.
 
 Every image is fully decoded to verify it (a truncated JPEG fails there, not
-at training time) but stored as the original bytes. Bad records (undecodable
-image, missing or empty caption, caption without image, unreadable member)
-are skipped, counted and listed by name with the reason; one bad record, or a
+at training time) but stored as the original bytes. Captions must be valid
+UTF-8 unless `caption_encoding` names their encoding; a caption is never
+stored with bytes replaced. Bad records (undecodable image, missing, empty or
+undecodable caption, caption without image, unreadable member) are skipped,
+counted and listed by name with the reason in plain words; one bad record, or a
 truncated tar, never stops the run, and every good pair is kept. The summary
 is returned and written to `out_dir/ingest_summary.json`.
 """
@@ -39,10 +41,32 @@ CORRUPT_IMAGE = "corrupt_image"
 MISSING_CAPTION = "missing_caption"
 MISSING_IMAGE = "missing_image"
 UNREADABLE = "unreadable"
+BAD_CAPTION_ENCODING = "bad_caption_encoding"
 
 
-def _read_text(data: bytes) -> str:
-  return data.decode("utf-8", errors="replace").strip()
+def _read_text(data: bytes, encoding: str | None = None) -> str:
+  """The caption text; raises _Skip when the bytes are not valid in `encoding` (UTF-8)."""
+  try:
+    return data.decode(encoding or "utf-8").strip()
+  except UnicodeDecodeError as e:
+    hint = ("; if the captions use another encoding, ingest with caption_encoding set to it "
+            "(e.g. --caption_encoding latin-1)") if encoding is None else ""
+    raise _Skip(BAD_CAPTION_ENCODING,
+                f"the caption is not valid {e.encoding} (byte 0x{data[e.start]:02x} at position "
+                f"{e.start}){hint}") from None
+
+
+def _image_problem(data: bytes, error: Exception) -> str:
+  """Why an image did not decode, in plain words."""
+  from PIL import UnidentifiedImageError
+  if not data:
+    return "the image file is empty (0 bytes)"
+  if isinstance(error, UnidentifiedImageError):
+    return (f"the file is not an image PIL can read ({len(data)} bytes, starting "
+            f"{data[:8].hex(' ')})")
+  if isinstance(error, OSError) and "truncated" in str(error).lower():
+    return f"the image data is cut short ({len(data)} bytes; {error})"
+  return f"the image does not decode ({type(error).__name__}: {error})"
 
 
 def _verify_image(data: bytes) -> tuple[str, int, int]:
@@ -61,20 +85,23 @@ def _verify_image(data: bytes) -> tuple[str, int, int]:
     ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
 
-def _candidate(name: str, files: dict[str, bytes | None],
-               synthetic_keys: Sequence[str]) -> dict[str, Any]:
+def _candidate(name: str, files: dict[str, bytes | None], synthetic_keys: Sequence[str],
+               caption_encoding: str | None = None) -> dict[str, Any]:
   """Turns one key's files into an example, or raises _Skip with a reason."""
   image_ext = next((e for e in IMAGE_EXTENSIONS if e[1:] in files), None)
   if image_ext is None:
-    raise _Skip(MISSING_IMAGE, "no image file")
+    raise _Skip(MISSING_IMAGE, "there is a caption but no image file")
   caption = files.get("txt")
-  if caption is None or not _read_text(caption):
-    raise _Skip(MISSING_CAPTION, "no caption" if caption is None else "empty caption")
+  if caption is None:
+    raise _Skip(MISSING_CAPTION, "there is an image but no caption file (.txt)")
+  text = _read_text(caption, caption_encoding)
+  if not text:
+    raise _Skip(MISSING_CAPTION, "the caption file is empty")
   data = files[image_ext[1:]]
   try:
     fmt, h, w = _verify_image(data)
   except Exception as e:  # PIL raises many types for bad data.
-    raise _Skip(CORRUPT_IMAGE, f"{type(e).__name__}: {e}") from None
+    raise _Skip(CORRUPT_IMAGE, _image_problem(data, e)) from None
   meta, synthetic = {}, ""
   if files.get("json") is not None:
     try:
@@ -89,7 +116,7 @@ def _candidate(name: str, files: dict[str, bytes | None],
         break
   return {
       "key": name, "image": data, "image_format": fmt, "height": h, "width": w,
-      "caption_original": _read_text(caption), "caption_synthetic": synthetic,
+      "caption_original": text, "caption_synthetic": synthetic,
       "meta": meta,
   }
 
@@ -180,8 +207,11 @@ def _resolve(source: str | Sequence[str]) -> tuple[str, list[str]]:
 
 def ingest(source: str | Sequence[str], out_dir: str, *, examples_per_shard: int = 1000,
            synthetic_keys: Sequence[str] = SYNTHETIC_KEYS, progress: bool = True,
-           max_listed: int = 10_000) -> dict[str, Any]:
+           max_listed: int = 10_000, caption_encoding: str | None = None) -> dict[str, Any]:
   """Writes every good image-caption pair of `source` to records in `out_dir`.
+
+  Captions are decoded as UTF-8, or as `caption_encoding` when given; a caption that
+  does not decode is skipped with the reason (its bytes are never replaced).
 
   Returns the summary: counts, skipped names per reason (`errors` gives the
   detail of each), shard count, timing. At most `max_listed` bad names are
@@ -204,7 +234,7 @@ def ingest(source: str | Sequence[str], out_dir: str, *, examples_per_shard: int
     try:
       if isinstance(files, _Skip):
         raise files
-      example = _candidate(name, files, synthetic_keys)
+      example = _candidate(name, files, synthetic_keys, caption_encoding)
     except _Skip as s:
       num_skipped[s.reason] = num_skipped.get(s.reason, 0) + 1
       if len(skipped.setdefault(s.reason, [])) < max_listed:
@@ -237,9 +267,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("source", nargs="+", help="image folder, tar file(s) or folder of tars")
   parser.add_argument("out_dir")
   parser.add_argument("--examples_per_shard", type=int, default=1000)
+  parser.add_argument("--caption_encoding", default=None,
+                      help="encoding of the .txt captions (default: UTF-8, invalid ones skipped)")
   args = parser.parse_args(argv)
   source = args.source[0] if len(args.source) == 1 else args.source
-  summary = ingest(source, args.out_dir, examples_per_shard=args.examples_per_shard)
+  summary = ingest(source, args.out_dir, examples_per_shard=args.examples_per_shard,
+                   caption_encoding=args.caption_encoding)
   print(json.dumps({k: v for k, v in summary.items() if k not in ("skipped", "errors")}, indent=2))
 
 

@@ -384,18 +384,35 @@ def _stack(items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 class _StepBatcher:
   """grain map fn: global step -> this process's batch (picklable)."""
 
-  def __init__(self, source, plan, transform: Callable):
+  def __init__(self, source, plan, transform: Callable, skip_bad_records: bool = False):
     self.source, self.plan, self.transform = source, plan, transform
+    self.skip_bad_records = skip_bad_records
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     spec = self.plan.examples(int(step))
     idx = [int(i) for i in spec["indices"]]
-    if hasattr(self.source, "__getitems__"):
+    if hasattr(self.source, "read_many"):
+      exs = self.source.read_many(idx)
+    elif hasattr(self.source, "__getitems__"):
       exs = self.source.__getitems__(idx)
     else:
       exs = [self.source[i] for i in idx]
+    bad = np.asarray([isinstance(ex, Exception) for ex in exs])
+    if bad.any():
+      first = next(ex for ex in exs if isinstance(ex, Exception))
+      if not self.skip_bad_records or bad.all():
+        raise first
+      # Each bad slot takes the next good example of the same batch (same bucket, and the
+      # same on a rerun); the trainer counts the slots (batch["bad_records"]).
+      good = np.flatnonzero(~bad)
+      for k in np.flatnonzero(bad):
+        logging.warning("Skipping %s", exs[k])
+        sub = int(good[np.searchsorted(good, k) % len(good)])
+        exs[k], idx[k] = exs[sub], idx[sub]
     batch = _stack([self.transform(ex, i, spec["bucket"], spec["epoch"])
                     for ex, i in zip(exs, idx)])
+    if self.skip_bad_records:
+      batch["bad_records"] = bad.astype(np.int32)
     batch["step"] = np.full(len(idx), step, np.int64)
     if isinstance(self.plan, SequentialPlan):
       batch["valid"] = spec["valid"]
@@ -696,7 +713,7 @@ class _SelectKeys:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     batch = self.batcher(step)
-    return {k: batch[k] for k in self.keys}
+    return {k: batch[k] for k in self.keys + ("bad_records",) if k in batch}
 
 
 def make_precomputed_pipeline(
@@ -704,7 +721,7 @@ def make_precomputed_pipeline(
     process_index: int | None = None, process_count: int | None = None, workers: int = 0,
     threads: int = 2, prefetch: int = 4, shuffle: bool = True, num_epochs: int | None = None,
     expected_producer: Mapping[str, Any] | None = None, producer_key: str | None = None,
-    keys: Sequence[str] | None = None) -> Pipeline:
+    keys: Sequence[str] | None = None, skip_bad_records: bool = False) -> Pipeline:
   """Training pipeline over precomputed records (a folder or a RecordSource).
 
   Batches: "latents" float32 [B, h, w, C] = (mean + std * eps - shift) * scale with eps
@@ -717,7 +734,10 @@ def make_precomputed_pipeline(
   the distinct latent shapes (one shape per batch, the same on every process). The
   records' producer is checked against `expected_producer` / `producer_key` first.
   Sharding, shuffling, epochs and the resumable iterator state are the training
-  pipeline's (see the module docstring).
+  pipeline's (see the module docstring). A record that cannot be read raises
+  records.BadRecordError naming its shard; with `skip_bad_records` its slot takes another
+  example of the same batch instead, and batch["bad_records"] marks the slot (the trainer
+  counts them against config.data.max_bad_records).
   """
   from sd3jax.data import records  # Light; here to keep the module's imports as they were.
   process_index, process_count = _process_layout(process_index, process_count)
@@ -759,6 +779,7 @@ def make_precomputed_pipeline(
             "keys": list(keys) if keys is not None else None}
   pipe = Pipeline(source, plan, transform, process_index=process_index, workers=workers,
                   threads=threads, prefetch=prefetch, num_steps=num_steps, config=config)
+  pipe.batcher.skip_bad_records = skip_bad_records
   if keys is not None:
     pipe.batcher = _SelectKeys(pipe.batcher, keys)
   logging.info("precomputed pipeline: %s", json.dumps(plan.stats()))
@@ -814,5 +835,6 @@ def make_train_iterator(config, *, process_index: int | None = None,
       p_synthetic=float(d.get("p_synthetic", 0.5)), process_index=process_index,
       process_count=process_count, workers=int(d.get("workers", 0)),
       threads=int(d.get("threads", 2)), prefetch=int(d.get("prefetch", 4)),
-      producer_key=d.get("producer_key", "") or None, keys=TRAIN_KEYS)
+      producer_key=d.get("producer_key", "") or None, keys=TRAIN_KEYS,
+      skip_bad_records=int(d.get("max_bad_records", 0)) > 0)
   return pipe.iterator()

@@ -210,13 +210,21 @@ def _sidecar(path: str) -> str:
 
 
 def _shard_ok(path: str, indices: np.ndarray) -> bool:
-  """A published shard whose sidecar lists exactly the planned examples."""
+  """A published shard whose sidecar lists exactly the planned examples, less the bad
+  source records it skipped (listed in the sidecar)."""
   if not (os.path.exists(path) and os.path.exists(_sidecar(path))):
     return False
   with open(_sidecar(path)) as f:
     side = json.load(f)
-  return (side.get("num_examples") == len(indices)
-          and side.get("columns", {}).get("index") == [int(i) for i in indices])
+  skipped = {int(b["index"]) for b in side.get("bad_records", [])}
+  want = [int(i) for i in indices if int(i) not in skipped]
+  return (skipped <= {int(i) for i in indices} and side.get("num_examples") == len(want)
+          and side.get("columns", {}).get("index") == want)
+
+
+def _bad_records(path: str) -> list[dict[str, Any]]:
+  with open(_sidecar(path)) as f:
+    return json.load(f).get("bad_records", [])
 
 
 def _remove_stale(out_dir: str, shards: Sequence[int]) -> list[str]:
@@ -408,21 +416,50 @@ def _chunks(shard: int, indices: np.ndarray, bucket_ids: np.ndarray,
   return out
 
 
-def _load(source, chunk: _Chunk, hw: tuple[int, int], batch: int, encoder: BatchEncoder):
+def _load(source, chunk: _Chunk, hw: tuple[int, int], batch: int, encoder: BatchEncoder,
+          skip_bad: bool = False):
+  """(images, token ids, meta, bad): a chunk's examples ready for the encoders. Records
+  that cannot be read or decoded raise records.BadRecordError, or with `skip_bad` are
+  left out and listed in `bad` ({"index", "reason"})."""
   idx = [int(i) for i in chunk.indices]
-  exs = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
-  images, meta = [], []
+  if hasattr(source, "read_many"):
+    exs = source.read_many(idx)
+  else:
+    exs = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
+  images, meta, bad = [], [], []
   for i, ex in zip(idx, exs):
-    pixels, orig, _ = pipeline_lib.resize_and_crop(ex["image"], *hw, crop="center")
+    try:
+      if isinstance(ex, Exception):
+        raise ex
+      try:
+        pixels, orig, _ = pipeline_lib.resize_and_crop(ex["image"], *hw, crop="center")
+      except Exception as e:  # noqa: BLE001 -- a readable record with an undecodable image
+        raise records.BadRecordError(*_record_place(source, i), f"the image does not decode "
+                                     f"({type(e).__name__}: {e})") from e
+    except records.BadRecordError as e:
+      if not skip_bad:
+        raise
+      logging.warning("precompute: skipping %s", e)
+      bad.append({"index": i, "shard": e.shard, "record": e.record, "reason": e.reason})
+      continue
     images.append(pipeline_lib.to_float(pixels))
     meta.append({"key": str(ex.get("key", i)), "index": i, "original_size": list(orig),
                  "caption_original": str(ex["caption_original"]),
                  "caption_synthetic": str(ex.get("caption_synthetic") or "")})
-  pad = batch - len(idx)  # Padding repeats the last example; its outputs are discarded.
+  if not meta:
+    return None, None, meta, bad
+  pad = batch - len(meta)  # Padding repeats the last example; its outputs are discarded.
   images = np.stack(images + [images[-1]] * pad)
   caps = [m["caption_original"] for m in meta] + [meta[-1]["caption_original"]] * pad
   caps += [m["caption_synthetic"] for m in meta] + [meta[-1]["caption_synthetic"]] * pad
-  return images, encoder.tokenize(caps), meta
+  return images, encoder.tokenize(caps), meta, bad
+
+
+def _record_place(source, index: int) -> tuple[str, int, int]:
+  """(shard, record in shard, index) of a source example, for BadRecordError."""
+  if hasattr(source, "locate"):
+    return (*source.locate(index), index)
+  return getattr(source, "path", type(source).__name__), index, index
 
 
 def _prefetch(items: Sequence[Any], fn, depth: int = 2) -> Iterator[tuple[Any, Any]]:
@@ -461,7 +498,8 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
                mesh: Mesh | None = None, rules: Any = None, split: str = "train",
                process_index: int | None = None, process_count: int | None = None,
                vae_fingerprint: str | None = None, max_shards: int | None = None,
-               sizes: np.ndarray | None = None, progress: bool = True) -> PrecomputeResult:
+               sizes: np.ndarray | None = None, progress: bool = True,
+               max_bad_records: int = 0) -> PrecomputeResult:
   """Writes (or completes) the precomputed record set of `source` in `out_dir`.
 
   `source`: a random-access image-text source, or a path (records folder / shapes TFDS
@@ -470,8 +508,11 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
   Each process runs batches of global_batch / process_count on `mesh` (its own devices;
   default: one local device). `max_shards` stops after writing that many shards (a
   partial run, as an interruption leaves it). `vae_fingerprint` replaces hashing the
-  VAE params (pass the weights folder's). Returns what was done; the manifest is written
-  by process 0 once every shard exists.
+  VAE params (pass the weights folder's). A source record that cannot be read or decoded
+  stops the run with records.BadRecordError naming it; with `max_bad_records` > 0 up to
+  that many (per process) are left out instead, listed in their shard's sidecar and counted
+  in the manifest ("bad_records"). Returns what was done; the manifest is written by
+  process 0 once every shard exists.
   """
   t_start = time.perf_counter()
   if isinstance(source, (str, os.PathLike)):
@@ -547,21 +588,30 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
   encoder = BatchEncoder(vae_model, vae_params, text_encoders, mesh, rules, storage_dtype, batch)
   has_t5 = text_encoders.encoders["t5"] is not None
   chunks = [c for s in todo for c in _chunks(s, planned[s], bucket_ids, batch)]
-  load = lambda c: _load(source, c, buckets[c.bucket], batch, encoder)
+  load = lambda c: _load(source, c, buckets[c.bucket], batch, encoder, max_bad_records > 0)
   from tqdm.auto import tqdm
   bar = tqdm(total=sum(len(planned[s]) for s in todo), unit="ex", disable=not progress,
              desc=f"precompute {os.path.basename(os.path.normpath(out_dir))}" + (f" [process {pi}/{pc}]" if pc > 1 else ""))
-  written, count = [], 0
+  written, count, num_bad = [], 0, 0
   writer: records.ShardWriter | None = None
 
-  def emit(chunk: _Chunk, meta: list[dict[str, Any]], outputs: tuple) -> None:
-    nonlocal writer, count
+  def emit(chunk: _Chunk, meta: list[dict[str, Any]], outputs: tuple | None,
+           bad: list[dict[str, Any]]) -> None:
+    nonlocal writer, count, num_bad
     if writer is None:
       writer = records.ShardWriter(records.shard_path(out_dir, chunk.shard), columns=COLUMNS)
-    mean, std, text = jax.device_get(outputs)
-    for rec in _records(meta, mean, std, text, buckets[chunk.bucket], f, has_t5):
-      writer.write(rec)
-    bar.update(len(meta))
+    if outputs is not None:
+      mean, std, text = jax.device_get(outputs)
+      for rec in _records(meta, mean, std, text, buckets[chunk.bucket], f, has_t5):
+        writer.write(rec)
+    writer.sidecar_extra.setdefault("bad_records", []).extend(bad)
+    num_bad += len(bad)
+    if num_bad > max_bad_records and bad:
+      raise records.DataError(
+          f"precompute: {num_bad} unreadable source records, more than max_bad_records="
+          f"{max_bad_records}; each is named in a warning above. Repair the source, or raise "
+          "config.data.max_bad_records.")
+    bar.update(len(meta) + len(bad))
     count += len(meta)
     if chunk.last_of_shard:
       writer.close()
@@ -570,11 +620,11 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
 
   pending = None  # Batch k is written while batch k + 1 runs on the devices.
   try:
-    for chunk, (images, ids, meta) in _prefetch(chunks, load):
-      outputs = encoder(images, ids)
+    for chunk, (images, ids, meta, bad) in _prefetch(chunks, load):
+      outputs = encoder(images, ids) if meta else None
       if pending is not None:
         emit(*pending)
-      pending = (chunk, meta, outputs)
+      pending = (chunk, meta, outputs, bad)
     if pending is not None:
       emit(*pending)
   except BaseException:
@@ -622,20 +672,32 @@ def finalize(out_dir: str, plan: Mapping[str, Any], order: np.ndarray, examples_
     logging.warning("precompute: %d of %d shards missing (e.g. %s): the manifest waits for "
                     "them.", len(missing), num_shards, missing[:8])
     return None
+  bad: list[dict[str, Any]] = []
   for s in range(num_shards):
     path = records.shard_path(out_dir, s)
     want = order[shard_slice(s, examples_per_shard, n)]
     if not _shard_ok(path, want):
       raise ValueError(f"{path} does not hold its planned {len(want)} examples; delete it and "
                        "rerun precompute to rewrite it.")
-  first = _first_record(records.shard_path(out_dir, 0))
+    bad += _bad_records(path)
+  if bad:
+    logging.warning("precompute: %d bad source records were left out (listed in the manifest "
+                    "under bad_records).", len(bad))
+  first = _first_record(next(records.shard_path(out_dir, s) for s in range(num_shards)
+                             if _sidecar_count(records.shard_path(out_dir, s))))
   features = records.feature_spec(first)
   if "synthetic" not in features:
     features["synthetic"] = features["original"]  # Absent on examples without one.
   return records.write_manifest(
       out_dir, kind=records.KIND_PRECOMPUTED, features=features, producer=plan["producer"],
-      expected_num_examples=n,
-      extra={"producer_key": plan["producer_key"], "precompute": dict(extra or {})})
+      expected_num_examples=n - len(bad),
+      extra={"producer_key": plan["producer_key"], "precompute": dict(extra or {}),
+             "bad_records": {"count": len(bad), "first": bad[:100]}})
+
+
+def _sidecar_count(path: str) -> int:
+  with open(_sidecar(path)) as f:
+    return int(json.load(f)["num_examples"])
 
 
 def _first_record(path: str) -> dict[str, Any]:
@@ -705,6 +767,7 @@ def precompute_main(config, workdir: str, announce: bool = True) -> int:
   ratios = tuple(s["aspect_ratios"])
   buckets = (pipeline_lib.make_buckets(size, ratios, multiple=16) if ratios else [(size, size)])
   res = precompute(s["source"], workdir, vae, te, global_batch=int(s["batch_size"]),
+                   max_bad_records=int(config.data.get("max_bad_records", 0)),
                    buckets=buckets, storage_dtype=s["storage_dtype"],
                    examples_per_shard=int(s["examples_per_shard"]), mesh=mesh, rules=rules,
                    split=s["split"],

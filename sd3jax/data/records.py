@@ -159,6 +159,7 @@ class ShardWriter:
     self._columns = {c: [] for c in columns}
     self.count = 0
     self.first_example: dict[str, Any] | None = None
+    self.sidecar_extra: dict[str, Any] = {}  # more JSON for the sidecar (e.g. bad_records)
 
   def write(self, example: Mapping[str, Any]) -> None:
     for c, values in self._columns.items():
@@ -173,7 +174,7 @@ class ShardWriter:
     """Finishes the shard: close, sidecar, then the rename that publishes it."""
     self._writer.close()
     _atomic_write_text(_sidecar(self.path), json.dumps(
-        {"num_examples": self.count, "columns": self._columns}))
+        {"num_examples": self.count, "columns": self._columns, **self.sidecar_extra}))
     os.replace(self._tmp, self.path)
     return self.count
 
@@ -344,6 +345,25 @@ def read_manifest(path: str) -> dict[str, Any]:
   return manifest
 
 
+class DataError(ValueError):
+  """Data that cannot be used as it is; the message names where and what to do."""
+
+
+class BadRecordError(DataError):
+  """A record that cannot be read or decoded, named by shard, record and example index."""
+
+  def __init__(self, shard: str, record: int, index: int, reason: str):
+    self.shard, self.record, self.index, self.reason = shard, record, index, reason
+    super().__init__(f"bad record in {shard}: record {record} of that shard (example {index} "
+                     f"of the set): {reason}. Rewrite the shard (rerun the writer), or set "
+                     "config.data.max_bad_records > 0 to skip and count such records.")
+
+
+def _short(error: Exception) -> str:
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
+
+
 class _FileInstruction:
   """Whole-shard read instruction (saves opening every file at start-up)."""
 
@@ -370,9 +390,15 @@ class RecordSource:
       for f, n in zip(files, counts):
         if not os.path.exists(f):
           raise FileNotFoundError(f"{f} is listed in the manifest but missing.")
-        if _num_records(f) != n:
+        try:
+          found = _num_records(f)
+        except Exception as e:  # noqa: BLE001 -- Riegeli says what and at which byte
+          raise ValueError(f"{f}: the shard's index cannot be read ({_short(e)}); the file is "
+                           "damaged: rewrite it (rerun the writer).") from e
+        if found != n:
           raise ValueError(f"{f} does not hold the {n} records its manifest lists.")
     self._counts = counts
+    self._ends = np.cumsum(counts)
     self._files = files
     self._source = (array_record_data_source.ArrayRecordDataSource(
         [_FileInstruction(f, n) for f, n in zip(files, counts) if n > 0])
@@ -385,16 +411,47 @@ class RecordSource:
   def __len__(self) -> int:
     return int(self.manifest["num_examples"])
 
+  def locate(self, index: int) -> tuple[str, int]:
+    """(shard file, record number within it) of example `index`."""
+    shard = int(np.searchsorted(self._ends, index, side="right"))
+    start = int(self._ends[shard - 1]) if shard else 0
+    return self._files[shard], int(index) - start
+
+  def _read(self, index: int) -> dict[str, Any]:
+    try:
+      return decode(self._source[index])
+    except Exception as e:  # noqa: BLE001 -- named by place, raised as BadRecordError
+      shard, record = self.locate(index)
+      raise BadRecordError(shard, record, index, _short(e)) from e
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     if index < 0:
       index += len(self)
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} records.")
-    return decode(self._source[index])
+    return self._read(index)
+
+  def read_many(self, indices: Sequence[int]) -> list[dict[str, Any] | BadRecordError]:
+    """Decoded examples, with a BadRecordError in the place of each unreadable one."""
+    indices = [int(i) for i in indices]
+    try:
+      return [decode(b) for b in self._source.__getitems__(indices)]
+    except Exception:  # noqa: BLE001 -- find which ones, one by one
+      out: list[dict[str, Any] | BadRecordError] = []
+      for i in indices:
+        try:
+          out.append(self._read(i))
+        except BadRecordError as e:
+          out.append(e)
+      return out
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    return [decode(b) for b in self._source.__getitems__([int(i) for i in indices])]
+    out = self.read_many(indices)
+    bad = next((e for e in out if isinstance(e, BadRecordError)), None)
+    if bad is not None:
+      raise bad
+    return out
 
   def column(self, name: str) -> np.ndarray:
     """An index column (e.g. "height") for all examples, in example order."""

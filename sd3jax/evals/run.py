@@ -44,7 +44,7 @@ def prompt_following_enabled(config: ConfigDict) -> bool:
           and int(config.eval.get("prompts_per_category", 4)) > 0)
 
 
-def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline
+def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline, progress: bool = False
                 ) -> tuple[list[dict[str, Any]], np.ndarray]:
   """(eval_prompt_specs, images of them) sampled with config.eval's steps / cfg / shift / seed.
 
@@ -56,7 +56,7 @@ def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline
   images = sample_lib.generate(
       pipe, [s["prompt"] for s in specs], height=size, width=size, steps=settings["steps"],
       guidance_scale=settings["cfg"], shift=settings["shift"],
-      seed=int(config.eval.get("seed", 0)), progress=False)
+      seed=int(config.eval.get("seed", 0)), progress=progress)
   return specs, images
 
 
@@ -79,13 +79,14 @@ def score_images(config: ConfigDict, specs: Sequence[dict[str, Any]],
   return out
 
 
-def prompt_following(config: ConfigDict, pipe: sample_lib.Pipeline) -> dict[str, Any]:
+def prompt_following(config: ConfigDict, pipe: sample_lib.Pipeline,
+                     progress: bool = False) -> dict[str, Any]:
   """Shapes-checker scores (and the configured feature hooks) of generated images."""
-  return score_images(config, *eval_images(config, pipe))
+  return score_images(config, *eval_images(config, pipe, progress))
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema: bool = True,
-                        mesh: Any = None) -> dict[str, Any]:
+                        mesh: Any = None, progress: bool = False) -> dict[str, Any]:
   """Evaluates checkpoint `step` of `workdir`; writes and returns eval/step_<step>.json."""
   config = sample_lib.run_config(config, workdir)
   if mesh is None:
@@ -95,7 +96,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema:
   result.update(validation.ValidationLoss(config, model, mesh)(params))
   if prompt_following_enabled(config):
     pipe = sample_lib.pipeline_from_run(config, workdir, step=step, use_ema=use_ema, mesh=mesh)
-    result.update(prompt_following(config, pipe))
+    result.update(prompt_following(config, pipe, progress))
   else:
     logging.info("No config.precompute.vae / text_encoders (or eval.prompts_per_category "
                  "= 0): prompt following not measured.")
@@ -131,7 +132,8 @@ def evaluate_main(config: ConfigDict | None, workdir: str, step: int | None = No
   mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
   results = []
   for s in todo:
-    results.append(evaluate_checkpoint(config, workdir, s, use_ema=use_ema, mesh=mesh))
+    results.append(evaluate_checkpoint(config, workdir, s, use_ema=use_ema, mesh=mesh,
+                                       progress=True))
     logging.info("eval step %d: val_loss %.6f", s, results[-1]["val_loss"])
     print(json.dumps({k: v for k, v in results[-1].items() if k != "per_t"}))
   return results
