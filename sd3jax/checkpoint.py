@@ -245,6 +245,8 @@ def _reason(error: Exception) -> str:
     kind = "array shapes differ from this run's (did the model config change?)"
   elif isinstance(error, FileNotFoundError) or "not found" in text.lower():
     kind = "files are missing"
+  elif "OUT_OF_RANGE" in text or "truncated" in text.lower():
+    kind = "files are cut short"
   else:
     kind = "unreadable"
   return f"{kind}: {type(error).__name__}: {text[:160]}" + ("..." if len(text) > 160 else "")

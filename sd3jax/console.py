@@ -35,10 +35,14 @@ def quiet(verbose: bool = False) -> None:
     for handler in py_logging.getLogger().handlers:
       handler.removeFilter(_FILTER)
     return
+  sys.unraisablehook = _drop_closed_loop_callbacks
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # "PyTorch was not found", ...
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.set_verbosity(logging.WARNING)
   py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.ERROR)  # "no TPU backend"
+  # Orbax's reads of a damaged checkpoint fail together; after the first, asyncio reports
+  # each sibling as "Task exception was never retrieved" (the step is already reported).
+  py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
   for handler in py_logging.getLogger().handlers:
     handler.addFilter(_FILTER)
   logging.get_absl_handler().addFilter(_FILTER)
@@ -47,6 +51,16 @@ def quiet(verbose: bool = False) -> None:
     tfds.disable_progress_bar()
   except ImportError:
     pass
+
+
+def _drop_closed_loop_callbacks(unraisable) -> None:
+  """sys.unraisablehook: drops "Event loop is closed" from TensorStore reads that finish
+  after Orbax gave up on a damaged checkpoint (hundreds of identical tracebacks, after the
+  real error was already handled); everything else goes to the default hook."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def is_quiet() -> bool:

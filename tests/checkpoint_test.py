@@ -168,7 +168,7 @@ def test_every_step_unreadable_lists_each_step_in_a_short_message(run, tmp_path)
   lines = message.splitlines()
   assert lines[0] == f"No checkpoint in {checkpoints} can be restored:"
   assert lines[1].startswith("  step 6: content checksum mismatch")
-  assert lines[2].startswith("  step 3: unreadable")
+  assert lines[2].startswith("  step 3: files are cut short")
   assert len(lines) == 4 and max(map(len, lines)) < 600, message
   assert "config no longer matches" not in message
   assert sorted(n for n in os.listdir(checkpoints)) == ["3", "6"]  # nothing moved
