@@ -50,6 +50,10 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
     assert proc.wait(timeout=300) == job.EXIT_INTERRUPTED, log_path.read_text()[-3000:]
   first = log_path.read_text()
   assert "[train] interrupted" in first
+  # One progress bar per long loop, named for it (with the loss while training).
+  for bar in ("train vae:", "precompute train:", "precompute validation:", "train mmdit:"):
+    assert bar in first, bar
+  assert "loss=" in first
   for stage in ("data", "encoders", "vae", "precompute"):
     assert (workdir / "job" / f"{stage}.json").exists()
   assert not (workdir / "job" / "train.json").exists()
@@ -69,6 +73,7 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   assert [line.split("]")[0][1:] for line in stage_lines] == list(job.STAGES), stage_lines
   assert all(line.split("] ")[1].startswith("done ") for line in stage_lines), stage_lines
   assert "prompt following: single-object colour" in proc.stdout
+  assert "train mmdit:" in proc.stderr and "sampling:" in proc.stderr
   assert f"Resumed from step {stopped_at}" in proc.stdout  # resumed, not restarted
   summary = json.loads((workdir / "summary.json").read_text())
   assert os.path.exists(summary["grid"])
