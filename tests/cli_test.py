@@ -17,6 +17,7 @@ from sd3jax import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
+TINY = os.path.join(ROOT, "experiments", "tiny.py")
 
 
 def _cli(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
@@ -63,6 +64,10 @@ USER_ERRORS = [
      "{tmp}/empty is not a run folder: it has no config.json"),
     (["export", "--workdir", "{tmp}/job_not_trained", "--out", "{tmp}/e"],
      "has not started training its MM-DiT yet"),
+    # A folder that cannot be created (root may write anywhere else, so /sys stands in for
+    # an unwritable place).
+    (["train", "--config", TINY, "--workdir", "/sys/sd3jax_cli_test"],
+     "Operation not permitted: '/sys/sd3jax_cli_test'"),
 ]
 
 
@@ -77,6 +82,15 @@ def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
   assert fill(message) in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_a_run_that_stops_itself_exits_3_with_its_message(tmp_path):
+  proc = _cli("train", "--config", TINY, "--workdir", str(tmp_path / "w"),
+              "--config.optimizer.learning_rate=1e30", "--config.optimizer.max_nonfinite_steps=2",
+              "--config.total_steps=20")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert "sd3jax train: stopped: 2 consecutive steps up to step" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 def test_resolve_run_dir_finds_the_mmdit_run_of_a_job(tmp_path):
