@@ -62,10 +62,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from sd3jax import parallel
 from sd3jax.data import pipeline as pipeline_lib
+from sd3jax.data.batch_encoder import BatchEncoder, local_mesh
 from sd3jax.data import records
 
 STAGE = "sd3jax.precompute"
@@ -258,138 +258,6 @@ def _check_or_write_plan(out_dir: str, plan: dict[str, Any]) -> None:
   path = os.path.join(out_dir, PLAN_FILE)
   if not os.path.exists(path):  # Every process writes the same bytes: races are harmless.
     records._atomic_write_text(path, json.dumps(plan, indent=2, sort_keys=True))
-
-
-# ----------------------------------------------------------------------------
-# The compiled encoders.
-# ----------------------------------------------------------------------------
-def local_mesh(devices: Sequence[jax.Device] | None = None,
-               shape: Mapping[str, int] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over this process's devices (default: data = all)."""
-  devices = list(devices if devices is not None else jax.local_devices())
-  return parallel.make_mesh(dict(shape or {"data": -1}), None, devices)
-
-
-def _place(tree: Any, mesh: Mesh) -> Any:
-  """Params onto `mesh`: arrays already laid out on it stay; the rest is replicated."""
-  rep = NamedSharding(mesh, P())
-
-  def put(x):
-    if (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
-        and x.sharding.mesh == mesh):
-      return x
-    return jax.device_put(x, rep)
-  return jax.tree.map(put, nn.unbox(tree))
-
-
-# Compiled programs of this process by (HLO, devices): reruns and resumes skip XLA.
-_COMPILED: dict[tuple, Any] = {}
-
-
-def _compile(fn, args, mesh: Mesh, rules) -> Any:
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.get_rules(rules)):
-    lowered = fn.lower(*args)
-  key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(),
-         tuple(d.id for d in mesh.devices.flat))
-  if key not in _COMPILED:
-    while len(_COMPILED) >= 16:
-      _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = lowered.compile()
-  return _COMPILED[key]
-
-
-class BatchEncoder:
-  """VAE moments (one program per bucket shape) + all text encoders (one program), sharded.
-
-  Both captions go through the text encoders as one batch of 2B prompts. Outputs are cast
-  to the storage dtype on the device (half the transfer for bfloat16).
-  """
-
-  def __init__(self, vae_model, vae_params, text_encoders, mesh: Mesh, rules,
-               storage_dtype: str, batch: int):
-    self.mesh, self.rules, self.batch = mesh, rules, batch
-    self.dtype = jnp.dtype(storage_dtype)
-    self.te = text_encoders
-    self.vae_model = vae_model
-    self.vae_params = _place(vae_params, mesh)
-    names = [n for n in ("clip_l", "clip_g", "t5") if text_encoders.encoders[n] is not None]
-    self.text_params = {n: _place(text_encoders.encoders[n].params, mesh) for n in names}
-    skip = text_encoders.clip_skip
-    self.hidden_index = -2 if skip is None else -(skip + 2)  # as TextEncoders.encode
-    self._vae: dict[tuple[int, int], Any] = {}
-    self._text = None
-
-  def _batch_sharding(self, ndim: int) -> NamedSharding:
-    return parallel.batch_sharding(self.mesh, ndim)
-
-  def _abstract(self, tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        tree)
-
-  def vae_fn(self, hw: tuple[int, int]):
-    if hw not in self._vae:
-      model, dtype = self.vae_model, self.dtype
-
-      def fn(params, images):
-        post = model.apply({"params": params}, images, method=type(model).encode)
-        return post.mean.astype(dtype), post.std.astype(dtype)
-      out = self._batch_sharding(4)
-      jitted = jax.jit(fn, out_shardings=(out, out))
-      images = jax.ShapeDtypeStruct((self.batch, *hw, 3), jnp.float32,
-                                    sharding=self._batch_sharding(4))
-      self._vae[hw] = _compile(jitted, (self._abstract(self.vae_params), images), self.mesh,
-                               self.rules)
-    return self._vae[hw]
-
-  def text_fn(self):
-    if self._text is None:
-      encs, index, dtype = self.te.encoders, self.hidden_index, self.dtype
-      use_mask = self.te.t5_attention_mask
-
-      def fn(params, ids):
-        out = {}
-        for name in ("clip_l", "clip_g"):
-          o = encs[name].model.apply({"params": params[name]}, ids[name])
-          out[name] = o.hidden_states[index].astype(dtype)
-          out[f"{name}_pooled"] = o.text_embeds.astype(dtype)
-        if "t5" in params:
-          mask = ids["t5_mask"] if use_mask else None
-          out["t5"] = encs["t5"].model.apply({"params": params["t5"]}, ids["t5"],
-                                             mask).astype(dtype)
-        return out
-      ids = {n: jax.ShapeDtypeStruct((2 * self.batch, self._length(n)), jnp.int32,
-                                     sharding=self._batch_sharding(2))
-             for n in ("clip_l", "clip_g", "t5", "t5_mask")}
-      jitted = jax.jit(fn, out_shardings=self._batch_sharding(2))  # prefix: every output
-      self._text = _compile(jitted, (self._abstract(self.text_params), ids), self.mesh,
-                            self.rules)
-    return self._text
-
-  def _length(self, name: str) -> int:
-    return self.te.t5_length if name.startswith("t5") else self.te.clip_length
-
-  def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
-    """Host-side (loader thread): ids for every encoder, T5's mask too."""
-    from sd3jax.interop import transformers as tf_interop
-    out = {}
-    for name in ("clip_l", "clip_g", "t5"):
-      enc = self.te.encoders[name]
-      if enc is None:
-        out[name] = np.zeros((len(prompts), self._length(name)), np.int32)
-        out["t5_mask"] = out[name]
-        continue
-      ids, mask = tf_interop.tokenize(enc.tokenizer, prompts, self._length(name))
-      out[name] = ids
-      if name == "t5":
-        out["t5_mask"] = mask
-    return out
-
-  def __call__(self, images: np.ndarray, ids: Mapping[str, np.ndarray]) -> tuple:
-    """Dispatches both programs (asynchronously); returns device arrays."""
-    put = lambda x: jax.device_put(x, self._batch_sharding(x.ndim))
-    mean, std = self.vae_fn(tuple(images.shape[1:3]))(self.vae_params, put(images))
-    text = self.text_fn()(self.text_params, {k: put(v) for k, v in ids.items()})
-    return mean, std, text
 
 
 # ----------------------------------------------------------------------------
