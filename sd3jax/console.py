@@ -10,7 +10,8 @@ import logging as py_logging
 import os
 import sys
 
-_THIRD_PARTY = ("tensorflow_datasets", "orbax", "jax._src", "transformers", "grain", "absl")
+# Packages whose warnings (logged through absl's handler) are noise for a user of sd3jax.
+_THIRD_PARTY = ("tensorflow_datasets", "orbax", "jax/_src", "transformers", "grain")
 
 
 class _ThirdPartyWarnings(py_logging.Filter):
@@ -21,7 +22,7 @@ class _ThirdPartyWarnings(py_logging.Filter):
     if record.levelno >= py_logging.ERROR:
       return True
     path = record.pathname.replace(os.sep, "/")
-    return not any(f"/{name.replace('.', '/')}/" in path for name in _THIRD_PARTY[:-1])
+    return not any(f"/{name}/" in path for name in _THIRD_PARTY)
 
 
 _FILTER = _ThirdPartyWarnings()
@@ -30,9 +31,10 @@ _FILTER = _ThirdPartyWarnings()
 def quiet(verbose: bool = False) -> None:
   """Quiet defaults for the command line; with `verbose`, every library's INFO lines."""
   from absl import logging
+  handlers = {*py_logging.getLogger().handlers, logging.get_absl_handler()}
   if verbose:
     logging.set_verbosity(logging.INFO)
-    for handler in py_logging.getLogger().handlers:
+    for handler in handlers:
       handler.removeFilter(_FILTER)
     return
   sys.unraisablehook = _drop_closed_loop_callbacks
@@ -43,9 +45,8 @@ def quiet(verbose: bool = False) -> None:
   # Orbax's reads of a damaged checkpoint fail together; after the first, asyncio reports
   # each sibling as "Task exception was never retrieved" (the step is already reported).
   py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
-  for handler in py_logging.getLogger().handlers:
+  for handler in handlers:
     handler.addFilter(_FILTER)
-  logging.get_absl_handler().addFilter(_FILTER)
   try:  # TFDS' own progress bars and its "Downloading and preparing dataset" lines.
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
@@ -61,11 +62,6 @@ def _drop_closed_loop_callbacks(unraisable) -> None:
   if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
     return
   sys.__unraisablehook__(unraisable)
-
-
-def is_quiet() -> bool:
-  from absl import logging
-  return logging.get_verbosity() < logging.INFO
 
 
 def say(message: str, every_process: bool = False) -> None:
