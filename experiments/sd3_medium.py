@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       depth=24, hidden_size=1536, num_heads=24, patch_size=2, in_channels=16, out_channels=16,
       joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192,
       sample_size=128, qk_norm="", dual_attention_layers=(), dtype="bfloat16",
-      scan_layers=True, remat_policy="full", attention_impl="xla"))
+      scan_layers=True, remat_policy="full", attention_impl="auto"))
   c.data = ConfigDict(dict(source="records", path="", image_size=s["image_size"], vae_factor=8,
                            synthetic_period=0, p_synthetic=0.5, producer_key="",
                            workers=8, threads=16, prefetch=8))

@@ -137,7 +137,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       pooled_projection_dim=192,
       pos_embed_max_size=16, sample_size=16,
       qk_norm="rms_norm", dual_attention_layers=(),
-      dtype="float32", scan_layers=True, remat_policy="none", attention_impl="einsum",
+      dtype="float32", scan_layers=True, remat_policy="none", attention_impl="auto",
   ))
 
   # Data: precomputed records (written by the precompute stage; paths set by the job).

@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       qk_norm="",              # "" or "rms_norm"
       dual_attention_layers=(),
       dtype="float32",         # compute dtype ("bfloat16" on accelerators)
-      scan_layers=True, remat_policy="none", attention_impl="einsum",
+      scan_layers=True, remat_policy="none", attention_impl="auto",
   ))
 
   # Data: synthetic latents and per-encoder text embeddings of these shapes.

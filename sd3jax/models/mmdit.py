@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd3jax.models.attention import softmax_attention
+from sd3jax.models import attention as attention_lib
 from sd3jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, logical
 
 REMAT_POLICIES = {
@@ -31,7 +31,7 @@ REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = attention_lib.IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class MMDiTConfig:
   dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
-  attention_impl: str = "einsum"
+  attention_impl: str = "auto"    # see sd3jax.models.attention
 
   def __post_init__(self):
     object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
@@ -167,13 +167,6 @@ class MLPEmbedder(nn.Module):
 # Attention
 # ---------------------------------------------------------------------------
 
-def attention(q, k, v, impl: str):
-  """Softmax attention over (B, T, heads, head_dim), all tokens attend to all."""
-  if impl == "einsum":
-    return softmax_attention(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-
-
 class QKV(nn.Module):
   """Per-stream query/key/value projections with the optional per-head RMSNorm."""
   cfg: MMDiTConfig
@@ -243,15 +236,15 @@ class JointBlock(nn.Module):
     qi, ki, vi = QKV(cfg, name="img_qkv")(img_attn_in)
     qt, kt, vt = QKV(cfg, name="txt_qkv")(txt_attn_in)
     n = img.shape[1]
-    out = attention(jnp.concatenate([qi, qt], 1), jnp.concatenate([ki, kt], 1),
-                    jnp.concatenate([vi, vt], 1), cfg.attention_impl)
+    out = attention_lib.attention(jnp.concatenate([qi, qt], 1), jnp.concatenate([ki, kt], 1),
+                                  jnp.concatenate([vi, vt], 1), cfg.attention_impl)
     out = out.reshape(*out.shape[:2], d)
     img = img + gate_a[:, None] * Dense(d, ("heads", "embed"), dtype=dt, name="img_out")(out[:, :n])
 
     if self.dual_attention:
       shift_a2, scale_a2, gate_a2 = img_mod[6:]
       q2, k2, v2 = QKV(cfg, name="img_qkv2")(_modulate(img_normed, shift_a2, scale_a2))
-      out2 = attention(q2, k2, v2, cfg.attention_impl).reshape(img.shape)
+      out2 = attention_lib.attention(q2, k2, v2, cfg.attention_impl).reshape(img.shape)
       img = img + gate_a2[:, None] * Dense(d, ("heads", "embed"), dtype=dt, name="img_out2")(out2)
 
     h = _modulate(ln("img_norm2")(img), shift_m, scale_m)
