@@ -184,20 +184,43 @@ def _eqn_matmul_flops(eqn) -> float:
   return 0.0
 
 
-def jaxpr_matmul_flops(jaxpr, expand_loops: bool = True) -> float:
+def pallas_call_flops(eqn) -> float:
+  """Matmul FLOPs of one pallas_call: its cost estimate, else body matmuls x grid points."""
+  estimate = eqn.params.get("cost_estimate")
+  if estimate is not None and getattr(estimate, "flops", None):
+    return float(estimate.flops)
+  grid = getattr(eqn.params.get("grid_mapping"), "grid", ()) or ()
+  return jaxpr_matmul_flops(eqn.params["jaxpr"]) * math.prod(int(g) for g in grid)
+
+
+def _shard_map_reps(eqn) -> int:
+  mesh = eqn.params["mesh"]
+  axes = eqn.params.get("newly_manual_axes") or eqn.params.get("manual_axes") or mesh.axis_names
+  return math.prod(dict(mesh.shape)[a] for a in axes)
+
+
+def jaxpr_matmul_flops(jaxpr, expand_loops: bool = True, kernels_only: bool = False) -> float:
   """FLOPs of every dot_general / convolution in a (closed) jaxpr, global (all devices).
 
   With expand_loops, a scan body counts `length` times (what the hardware does);
   without, once (what XLA's cost_analysis does). while_loop trip counts are not static
   and count once either way; of cond branches the most expensive counts; a shard_map
-  body (per-device shapes) counts once per device of its manual axes.
+  body (per-device shapes) counts once per device of its manual axes. A Pallas kernel
+  (splash attention) is a custom call that XLA counts nothing for: with expand_loops it
+  counts its own cost estimate, or else its body's matmuls once per grid point (exact for
+  splash: 4 / 8 / 6 x B H T^2 D in the forward / dkv / dq kernels); without, zero.
+  kernels_only: count only the Pallas kernels.
   """
   import jax.extend as jex  # pylint: disable=g-import-not-at-top
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0.0
   for eqn in jaxpr.eqns:
-    total += _eqn_matmul_flops(eqn)
-    subs = [jaxpr_matmul_flops(j, expand_loops) for j in jex.core.jaxprs_in_params(eqn.params)]
+    if eqn.primitive.name == "pallas_call":
+      total += pallas_call_flops(eqn) if expand_loops else 0.0
+      continue
+    total += 0.0 if kernels_only else _eqn_matmul_flops(eqn)
+    subs = [jaxpr_matmul_flops(j, expand_loops, kernels_only)
+            for j in jex.core.jaxprs_in_params(eqn.params)]
     if not subs:
       continue
     name, reps = eqn.primitive.name, 1
@@ -207,9 +230,7 @@ def jaxpr_matmul_flops(jaxpr, expand_loops: bool = True) -> float:
     if name == "scan" and expand_loops:
       reps = eqn.params["length"]
     elif name == "shard_map":
-      mesh = eqn.params["mesh"]
-      axes = eqn.params.get("newly_manual_axes") or eqn.params.get("manual_axes") or mesh.axis_names
-      reps = math.prod(dict(mesh.shape)[a] for a in axes)
+      reps = _shard_map_reps(eqn)
     total += reps * sum(subs)
   return total
 
@@ -327,13 +348,17 @@ def compile_report(fn: Callable[..., Any], abstract_args: Sequence[Any], *,
   xla_flops = float(ca.get("flops", 0.0))
   xla_bytes = float(ca.get("bytes accessed", 0.0))
   mm_all = jaxpr_matmul_flops(traced.jaxpr, expand_loops=True) / n
+  kernel_flops = jaxpr_matmul_flops(traced.jaxpr, kernels_only=True) / n
   mm_once = jaxpr_matmul_flops(traced.jaxpr, expand_loops=False) / n
   # Matmuls from the jaxpr, every iteration; the rest (elementwise, reductions) is what XLA
   # counts beyond the matmuls it sees once. XLA can count fewer than mm_once (loops it
   # restructures), hence the floor at the matmuls.
   flops = mm_all + max(0.0, xla_flops - mm_once)
-  loop_factor = mm_all / mm_once if mm_once > 0 else 1.0
+  # How often loops repeat the matmuls XLA sees (kernels aside): scales XLA's loop-once bytes
+  # and libtpu's loop-once time.
+  loop_factor = (mm_all - kernel_flops) / mm_once if mm_once > 0 else 1.0
   report.update(xla_flops=xla_flops, xla_bytes_accessed=xla_bytes, matmul_flops=mm_all,
+                kernel_flops=kernel_flops,
                 flops=flops, bytes_accessed=xla_bytes * loop_factor, loop_factor=loop_factor)
   if "optimal_seconds" in ca:  # libtpu's own time estimate, loop bodies once too
     report["xla_optimal_seconds"] = float(ca["optimal_seconds"])
@@ -349,6 +374,8 @@ def compile_report(fn: Callable[..., Any], abstract_args: Sequence[Any], *,
                   bound="compute" if compute_s >= memory_s else "memory")
     if model_flops is not None:
       report["mfu"] = model_flops / n / step_s / c.peak_flops
+  if c is not None and model_flops is not None and report.get("cost_model_seconds"):
+    report["cost_model_mfu"] = model_flops / n / report["cost_model_seconds"] / c.peak_flops
   return report
 
 
@@ -370,6 +397,9 @@ def format_report(r: Mapping[str, Any]) -> str:
   lines.append(f"  FLOPs {r['flops'] / 1e12:.3f} TFLOP (XLA counts {r['xla_flops'] / 1e12:.3f}: "
                f"loop bodies once; loops repeat the matmuls x{r['loop_factor']:.1f}), "
                f"bytes accessed ~{r['bytes_accessed'] / 1e9:.1f} GB")
+  if r.get("kernel_flops"):
+    lines.append(f"  of which Pallas kernels (attention) {r['kernel_flops'] / 1e12:.3f} TFLOP, "
+                 f"counted from the kernels' grids (XLA counts none)")
   if "step_seconds" in r:
     line = (f"  step ~{r['step_seconds'] * 1e3:.1f} ms ({r['bound']}-bound: compute "
             f"{r['compute_seconds'] * 1e3:.1f} ms, HBM {r['memory_seconds'] * 1e3:.1f} ms; "
@@ -378,7 +408,10 @@ def format_report(r: Mapping[str, Any]) -> str:
       line += f", MFU ~{r['mfu']:.0%}"
     lines.append(line)
   if "cost_model_seconds" in r:
-    lines.append(f"  libtpu cost model: ~{r['cost_model_seconds'] * 1e3:.1f} ms")
+    line = f"  libtpu cost model: ~{r['cost_model_seconds'] * 1e3:.1f} ms"
+    if "cost_model_mfu" in r:
+      line += f", MFU ~{r['cost_model_mfu']:.0%}"
+    lines.append(line)
   return "\n".join(lines)
 
 

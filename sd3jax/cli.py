@@ -111,6 +111,8 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
                     flag_values=flag_values)
   flags.DEFINE_string("topology", None, "compile: TPU slice, e.g. v5p:4x4x4 or v6e-16.",
                       flag_values=flag_values)
+  flags.DEFINE_bool("search", False, "compile: try attention kernels x remat policies x "
+                    "microbatch counts; print what fits and the fastest.", flag_values=flag_values)
   flags.DEFINE_bool("eval-checkpoints", False, "scaling: evaluate every saved checkpoint.",
                     flag_values=flag_values)
   flags.DEFINE_float("target-flops", None, "scaling: extrapolate the fit to this compute.",
@@ -305,13 +307,17 @@ def _bench(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 
 @command("compile", "AOT-compile the train step for --topology: memory, fit, FLOPs, time.",
-         needs_workdir=False, flags=("topology",),
+         needs_workdir=False, flags=("topology", "search"),
          examples=("JAX_PLATFORMS=cpu sd3jax compile --config experiments/sd3_medium.py "
+                   "--topology v5p:4x4x4 --search",
+                   "JAX_PLATFORMS=cpu sd3jax compile --config experiments/sd3_medium.py "
                    "--topology v5p:4x4x4",))
 def _compile(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import compile as compile_lib
   if not flags.FLAGS.topology:
     raise config_lib.ConfigError("sd3jax compile needs --topology, e.g. v5p:4x4x4.")
+  if flags.FLAGS.search:
+    return 0 if compile_lib.search(config, flags.FLAGS.topology)["best"] else 1
   report = compile_lib.compile_main(config, flags.FLAGS.topology)
   return 0 if report.get("fits", True) else 1
 

@@ -8,11 +8,27 @@ AdamW, EMA, non-finite guard) with the state created abstractly by `train.abstra
 in the shardings of the config's mesh and rules, and the batch split over the data axes,
 exactly as `sd3jax train` would compile it. Printed: per-device memory (arguments,
 temporaries, outputs), whether it fits the chip's HBM, XLA's FLOPs with scan loops
-counted per iteration, and a roofline step time / MFU (`aot.compile_report`).
+counted per iteration, and two step-time / MFU estimates: a roofline and libtpu's own
+cost model (`aot.compile_report`).
+
+  sd3jax compile --config ... --topology v5p:4x4x4 --search
+
+answers "what fits, and how fast" before a pod is booked: for each attention kernel (splash
+and XLA's on TPU) and remat policy, lightest first, it finds the fewest microbatches that fit
+(a binary search over the counts the batch allows; a heavier policy never needs more
+microbatches than a lighter one needed, which bounds its search), prints every row that fits
+with both estimates, and the one config line to run. Rows are ranked by libtpu's cost model
+where it reports one: it is the compiler's own estimate of its fused program, while the
+roofline takes XLA's per-op bytes (every operand and result, as if nothing were fused) and
+so is pessimistic for memory-bound programs.
 """
 from __future__ import annotations
 
-from typing import Any
+import copy
+import math
+import re
+import time
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +37,10 @@ from ml_collections import ConfigDict
 
 from sd3jax import aot
 from sd3jax import config as config_lib
+from sd3jax.console import say
+
+GiB = aot.GiB
+REMAT_ORDER = ("none", "save_dots", "save_dots_no_batch", "full")  # lightest first
 
 
 def compile_main(config: ConfigDict, topology: str, *, num_slices: int = 1,
@@ -51,7 +71,8 @@ def compile_main(config: ConfigDict, topology: str, *, num_slices: int = 1,
                               donate_argnums=0, model_flops=task.flops_per_step, mesh=mesh,
                               rules=rules, hbm_fraction=hbm_fraction)
   report.update(topology=topology, mesh=dict(mesh.shape), rules=config.sharding_rules,
-                remat_policy=model_cfg.remat_policy, scan_layers=model_cfg.scan_layers,
+                remat_policy=model_cfg.remat_policy, attention_impl=model_cfg.attention_impl,
+                scan_layers=model_cfg.scan_layers,
                 dtype=model_cfg.dtype, batch_size=config.batch_size,
                 microbatches=config.microbatches, params=mmdit.count_params(model_cfg),
                 latent=config_lib.latent_size(config))
@@ -62,6 +83,145 @@ def compile_main(config: ConfigDict, topology: str, *, num_slices: int = 1,
 
 def format_compile(r: dict[str, Any]) -> str:
   head = (f"{r['topology']}: mesh {r['mesh']}, rules {r['rules']}, remat {r['remat_policy']}, "
+          f"attention {r['attention_impl']}, "
           f"{r['params'] / 1e6:,.1f}M params, batch {r['batch_size']} "
           f"({r['microbatches']} microbatches), latent {r['latent']}, {r['dtype']}")
   return head + "\n" + aot.format_report(r)
+
+
+# ---------------------------------------------------------------------------
+# --search: what fits, and how fast
+# ---------------------------------------------------------------------------
+
+def microbatch_options(batch_size: int, batch_shards: int) -> list[int]:
+  """Microbatch counts the batch allows (every microbatch splits evenly over the data axes)."""
+  return [m for m in range(1, batch_size + 1)
+          if batch_size % m == 0 and (batch_size // m) % batch_shards == 0]
+
+
+def _needed_bytes(error: str) -> float | None:
+  """The memory an out-of-HBM compile asked for, from XLA's message ("Used 146.2G of ...",
+  "required for HLO temporaries (256.12G) exceeds ...")."""
+  m = (re.search(r"Used ([\d.]+)([KMGT])? of", error)
+       or re.search(r"required for [^(]*\(([\d.]+)([KMGT])?\)", error))
+  if not m:
+    return None
+  return float(m.group(1)) * 1024.0 ** " KMGT".index(m.group(2) or " ")
+
+
+def _estimate(r: dict[str, Any]) -> float:
+  """The step time a search ranks by: libtpu's cost model where reported, else the roofline."""
+  return r.get("cost_model_seconds") or r.get("step_seconds") or math.inf
+
+
+def search(config: ConfigDict, topology: str, *, remats: Sequence[str] = REMAT_ORDER,
+           attention: Sequence[str] | None = None, num_slices: int = 1,
+           hbm_fraction: float = 0.9, verbose: bool = True,
+           compile_fn: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+  """Fewest microbatches that fit, per (attention, remat); the fastest of those first.
+
+  compile_fn(config, topology, num_slices=, hbm_fraction=, verbose=): compile_main, or a
+  stand-in with its contract (tests).
+
+  Returns {"rows": one dict per (attention, remat) (fits False when even the most
+  microbatches do not fit), "tried": every compile, "best": the fastest row that fits or
+  None, "command": the config flags of the best}.
+  """
+  from sd3jax import train  # pylint: disable=g-import-not-at-top
+  devices = aot.topology_devices(topology, num_slices=num_slices)
+  config = config_lib.validate(config, num_devices=len(devices))
+  mesh = dict(train.make_mesh(config, devices).shape)
+  options = microbatch_options(config.batch_size, mesh["data"] * mesh["fsdp"])
+  attention = tuple(attention or ("splash", "xla"))
+  bad = [r for r in remats if r not in REMAT_ORDER]
+  if bad:
+    raise config_lib.ConfigError(f"Unknown remat policies {bad}; choose from {REMAT_ORDER}.")
+  remats = sorted(remats, key=REMAT_ORDER.index)
+  tried: list[dict[str, Any]] = []
+
+  def compile_one(attn: str, remat: str, mb: int) -> dict[str, Any]:
+    c = copy.deepcopy(config)
+    c.model.attention_impl, c.model.remat_policy, c.microbatches = attn, remat, mb
+    t0 = time.perf_counter()
+    r = (compile_fn or compile_main)(c, topology, num_slices=num_slices,
+                                     hbm_fraction=hbm_fraction, verbose=False)
+    r.setdefault("topology", topology)
+    r.update(attention_impl=attn, remat_policy=remat, microbatches=mb,
+             wall_seconds=time.perf_counter() - t0)
+    if "error" in r:
+      r["needed_bytes"] = _needed_bytes(r["error"])
+    tried.append(r)
+    if verbose:
+      say(f"  {attn:6s} remat {remat:18s} {mb:4d} microbatches: {_fit_words(r)} "
+          f"({r['wall_seconds']:.0f} s)")
+    return r
+
+  rows = []
+  for attn in attention:
+    top = len(options) - 1        # a heavier remat needs at most the lighter one's count
+    for remat in remats:
+      lo, hi, best = 0, top, None
+      while lo <= hi:
+        mid = (lo + hi) // 2
+        r = compile_one(attn, remat, options[mid])
+        if r.get("fits"):
+          best, hi = r, mid - 1
+        else:
+          lo = mid + 1
+      if best is None:
+        rows.append({"attention_impl": attn, "remat_policy": remat, "fits": False,
+                     "microbatches": options[top]})
+        continue
+      rows.append(best)
+      top = options.index(best["microbatches"])
+  fitting = sorted((r for r in rows if r.get("fits")),
+                   key=lambda r: (_estimate(r), r["microbatches"]))
+  best = fitting[0] if fitting else None
+  command = (f"--config.model.attention_impl={best['attention_impl']} "
+             f"--config.model.remat_policy={best['remat_policy']} "
+             f"--config.microbatches={best['microbatches']}") if best else None
+  result = {"rows": rows, "tried": tried, "best": best, "command": command,
+            "topology": topology, "options": options}
+  if verbose:
+    print(format_search(result))
+  return result
+
+
+def _fit_words(r: dict[str, Any]) -> str:
+  if r.get("fits"):
+    return f"fits, {r['total_bytes'] / GiB:.1f} GiB per chip"
+  if r.get("needed_bytes"):
+    return f"does not fit (XLA asked for {r['needed_bytes'] / GiB:.1f} GiB)"
+  if "total_bytes" in r:
+    return f"does not fit ({r['total_bytes'] / GiB:.1f} GiB over the budget)"
+  return "does not fit"
+
+
+def format_search(result: dict[str, Any]) -> str:
+  """The search as a table: one row per (attention, remat), the fastest first."""
+  head = ("| attention | remat | microbatches | temps / total per chip | roofline step (MFU) "
+          "| libtpu cost model (MFU) |")
+  lines = [f"Search on {result['topology']} (microbatch counts tried from {result['options']}; "
+           f"{len(result['tried'])} compiles):", "", head, "|---|---|---|---|---|---|"]
+  ms = lambda s: f"{s:,.1f} s" if s >= 10 else f"{s * 1e3:,.{0 if s >= 0.01 else 2}f} ms"
+  rows = sorted(result["rows"], key=lambda r: (not r.get("fits"), _estimate(r)))
+  for r in rows:
+    if not r.get("fits"):
+      lines.append(f"| {r['attention_impl']} | {r['remat_policy']} | - | does not fit at "
+                   f"{r['microbatches']} | | |")
+      continue
+    roof = f"{ms(r['step_seconds'])} ({r.get('mfu', 0):.0%})" if "step_seconds" in r else "-"
+    cost = (f"{ms(r['cost_model_seconds'])} ({r.get('cost_model_mfu', 0):.0%})"
+            if "cost_model_seconds" in r else "-")
+    lines.append(f"| {r['attention_impl']} | {r['remat_policy']} | {r['microbatches']} | "
+                 f"{r['temp_bytes'] / GiB:.2f} / {r['total_bytes'] / GiB:.2f} GiB | {roof} | "
+                 f"{cost} |")
+  lines.append("")
+  if result["best"] is None:
+    lines.append("Nothing fits: use a larger slice, a smaller batch per chip, or tensor "
+                 "parallelism (config.mesh, sharding_rules=fsdp_tp).")
+  else:
+    basis = ("libtpu's cost model" if "cost_model_seconds" in result["best"]
+             else "the roofline")
+    lines.append(f"Fastest by {basis}; run it with:\n  {result['command']}")
+  return "\n".join(lines)

@@ -134,3 +134,68 @@ def test_jitted_function_and_chip_table():
   assert aot.chip_for("NVIDIA H100 80GB HBM3").name.startswith("H100")
   assert aot.chip_for("TPU v5 lite") is aot.CHIPS["v5e"]
   assert aot.chip_for("TPU v7") is None
+
+
+def _tiny_experiment():
+  from sd3jax import config as config_lib
+  return config_lib.load("experiments/tiny.py")
+
+
+def test_search_fewest_microbatches_logic():
+  """The search on a stand-in compiler with a known memory model: per (attention, remat) it
+  returns the fewest microbatches that fit, compiles only O(log n) counts, ranks the fitting
+  rows by the cost model and prints the config line of the fastest."""
+  from sd3jax import compile as compile_lib
+  config = _tiny_experiment()
+  config.batch_size = 64
+  activations = {("splash", "none"): 30, ("splash", "full"): 3, ("xla", "none"): 90,
+                 ("xla", "full"): 9}  # GiB per chip at one microbatch
+  calls = []
+
+  def fake_compile(c, topology, **kw):
+    key = (c.model.attention_impl, c.model.remat_policy)
+    calls.append((*key, c.microbatches))
+    total = (2 + activations[key] / c.microbatches) * aot.GiB
+    seconds = (1.0 if key[0] == "splash" else 2.0) * (1.3 if key[1] == "full" else 1.0)
+    return {"fits": total <= 10 * aot.GiB, "total_bytes": total, "temp_bytes": total - aot.GiB,
+            "step_seconds": seconds, "cost_model_seconds": seconds * 1.5, "mfu": 0.5,
+            "cost_model_mfu": 0.3}
+
+  r = compile_lib.search(config, "v5p:2x2x1", remats=("full", "none"), compile_fn=fake_compile,
+                         verbose=False)
+  assert r["options"] == [1, 2, 4, 8, 16]          # batch 64 over 4 data shards
+  got = {(x["attention_impl"], x["remat_policy"]): x["microbatches"] for x in r["rows"]}
+  assert got == {("splash", "none"): 4, ("splash", "full"): 1, ("xla", "none"): 16,
+                 ("xla", "full"): 2}
+  for (attn, remat), mb in got.items():            # the next smaller count was tried, failed
+    if mb > 1:
+      assert (attn, remat, mb // 2) in calls
+  assert len(calls) <= 4 * 3
+  assert r["best"]["attention_impl"] == "splash" and r["best"]["remat_policy"] == "none"
+  assert r["command"] == ("--config.model.attention_impl=splash "
+                          "--config.model.remat_policy=none --config.microbatches=4")
+  text = compile_lib.format_search(r)
+  assert "Fastest by libtpu's cost model" in text and "| splash | none | 4 |" in text
+
+
+def test_search_tiny_model_on_v5p():
+  """`sd3jax compile --search` for real: the tiny MM-DiT on v5p:2x2x1, both kernels."""
+  from sd3jax import compile as compile_lib
+  r = compile_lib.search(_tiny_experiment(), TOPOLOGY, remats=("none", "full"), verbose=False)
+  assert [(x["attention_impl"], x["remat_policy"]) for x in r["rows"]] == [
+      ("splash", "none"), ("splash", "full"), ("xla", "none"), ("xla", "full")]
+  for row in r["rows"]:
+    assert row["fits"] and row["microbatches"] == 1 and row["num_devices"] == 4
+    assert row["cost_model_seconds"] > 0 and row["step_seconds"] > 0
+  splash = r["rows"][0]
+  assert splash["kernel_flops"] > 0 and r["rows"][2]["kernel_flops"] == 0
+  assert r["command"].startswith("--config.model.attention_impl=")
+
+
+def test_out_of_memory_message_is_read():
+  from sd3jax import compile as compile_lib
+  need = compile_lib._needed_bytes  # pylint: disable=protected-access
+  assert need("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+              "temporaries (256.12G) exceeds available HBM (95.74G).") == 256.12 * aot.GiB
+  assert need("Ran out of memory in memory space hbm. Used 146.2G of 95.74G hbm.") == 146.2 * aot.GiB
+  assert need("INTERNAL: something else") is None
