@@ -78,6 +78,10 @@ def test_auto_picks_the_platform_kernel():
   assert attention.resolve_impl("auto", f32, "cpu") == "einsum"
   assert attention.resolve_impl("auto", f32) == "einsum"                # this machine
   assert attention.resolve_impl("xla", f32, "tpu") == "xla"             # explicit wins
+  # Mosaic cannot compile bf16 matmuls at precision "highest" (conftest sets it): XLA's.
+  assert attention.resolve_impl("auto", bf16, "tpu") == "xla"
+  with jax.default_matmul_precision("default"):
+    assert attention.resolve_impl("auto", bf16, "tpu") == "splash"
   with pytest.raises(ValueError, match="choose one of"):
     attention.resolve_impl("flash", f32)
   # Under a mesh of TPU devices (an ahead-of-time compile from this CPU host), auto is splash.

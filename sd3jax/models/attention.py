@@ -104,10 +104,21 @@ def _platform() -> str:
   return str(device.platform) if device is not None else jax.default_backend()
 
 
+def _half(q: jax.Array) -> bool:
+  return q.dtype in (jnp.bfloat16, jnp.float16)
+
+
 def cudnn_supports(q: jax.Array) -> bool:
   """cuDNN's fused attention: half precision and a head_dim that is a multiple of 8, <= 128."""
   d = q.shape[-1]
-  return q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
+  return _half(q) and d % 8 == 0 and d <= 128
+
+
+def splash_compiles(q: jax.Array) -> bool:
+  """Mosaic rejects half-precision matmuls at jax_default_matmul_precision "highest" (set
+  for parity tests) with "Bad lhs type"; every other dtype / head_dim we tried compiles."""
+  return not (_half(q) and str(jax.config.jax_default_matmul_precision).lower()
+              in ("highest", "float32"))
 
 
 def resolve_impl(impl: str, q: jax.Array, platform: str | None = None) -> str:
@@ -118,7 +129,7 @@ def resolve_impl(impl: str, q: jax.Array, platform: str | None = None) -> str:
     return impl
   platform = platform or _platform()
   if platform == "tpu":
-    return "splash"
+    return "splash" if splash_compiles(q) else "xla"
   if platform in ("gpu", "cuda", "rocm"):
     return "cudnn" if platform != "rocm" and cudnn_supports(q) else "xla"
   return "einsum"
@@ -193,6 +204,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   if interpret is None:
     interpret = _platform() != "tpu"
+  if not interpret and not splash_compiles(q):
+    raise ValueError(
+        f"Splash attention on {q.dtype} inputs does not compile under "
+        f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision!r} (Mosaic: "
+        f"'Bad lhs type'). Unset that option, or use attention_impl='xla' or 'auto'.")
   fn = functools.partial(_splash_local, seq_len=padded_length(q.shape[1]), interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
