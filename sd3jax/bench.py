@@ -118,40 +118,54 @@ class JaxRunner:
 
 
 class TorchRunner:
-  """diffusers SD3Transformer2DModel + torch.optim.AdamW: the same step, eager PyTorch."""
+  """diffusers SD3Transformer2DModel + torch.optim.AdamW: the same step in PyTorch.
 
-  def __init__(self, config: ConfigDict, threads: int):
+  On CUDA (when JAX runs on a GPU) it takes torch's fast path: float32 weights with bf16
+  autocast when the config computes in bf16, SDPA attention (diffusers' default processor:
+  flash on bf16), fused AdamW, and with `compile` torch.compile of the model.
+  """
+
+  def __init__(self, config: ConfigDict, threads: int, device: str = "cpu",
+               compile: bool = False):  # pylint: disable=redefined-builtin
     import torch  # pylint: disable=g-import-not-at-top
     from diffusers import SD3Transformer2DModel  # pylint: disable=g-import-not-at-top
     from sd3jax.interop import diffusers as interop  # pylint: disable=g-import-not-at-top
 
     self.threads = threads
     self.torch = torch
+    self.device = torch.device(device)
+    cuda = self.device.type == "cuda"
     torch.manual_seed(config.seed)
     conf = interop.transformer_config_to_diffusers(config_lib.model_config(config))
     conf = {k: v for k, v in conf.items() if not k.startswith("_")}
-    self.model = SD3Transformer2DModel(**conf).train()
+    self.model = SD3Transformer2DModel(**conf).train().to(self.device)
+    self.forward = torch.compile(self.model) if compile else self.model
+    self.autocast = config.model.dtype == "bfloat16"
     o = config.optimizer
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
-                                 eps=o.eps, weight_decay=o.weight_decay)
+                                 eps=o.eps, weight_decay=o.weight_decay,
+                                 **({"fused": True} if cuda else {}))
     self.clip = float(o.grad_clip_norm)
     self.ema_decay = float(config.ema.decay)
     self.params = [p for p in self.model.parameters()]
     self.ema = [p.detach().clone() for p in self.params] if self.ema_decay > 0 else None
     b, lat, m = config.batch_size, config_lib.latent_size(config), config.model
     g = torch.Generator().manual_seed(0)
-    self.x0 = torch.randn(b, m.in_channels, lat, lat, generator=g)  # NCHW, as diffusers wants
-    self.context = torch.randn(b, config_lib.text_len(config), m.joint_attention_dim, generator=g)
-    self.pooled = torch.randn(b, m.pooled_projection_dim, generator=g)
+    on = lambda x: x.to(self.device)
+    self.x0 = on(torch.randn(b, m.in_channels, lat, lat, generator=g))  # NCHW, as diffusers
+    self.context = on(torch.randn(b, config_lib.text_len(config), m.joint_attention_dim,
+                                  generator=g))
+    self.pooled = on(torch.randn(b, m.pooled_projection_dim, generator=g))
 
   def step(self) -> None:
     torch = self.torch
     b = self.x0.shape[0]
-    t = torch.sigmoid(torch.randn(b))                  # logit-normal(0, 1)
+    t = torch.sigmoid(torch.randn(b, device=self.device))   # logit-normal(0, 1)
     eps = torch.randn_like(self.x0)
     tb = t[:, None, None, None]
     z_t = (1 - tb) * self.x0 + tb * eps
-    pred = self.model(z_t, self.context, self.pooled, t * 1000.0, return_dict=False)[0]
+    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+      pred = self.forward(z_t, self.context, self.pooled, t * 1000.0, return_dict=False)[0]
     loss = torch.mean(torch.square(pred.float() - (eps - self.x0)))
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -167,6 +181,8 @@ class TorchRunner:
     t0 = time.perf_counter()
     for _ in range(k):
       self.step()
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -188,10 +204,12 @@ def _rates(seconds_per_step: float, flops: float, batch: int, num_devices: int,
 def bench_main(config: ConfigDict, *, steps: int = 10, warmup: int = 2,
                vs_diffusers: bool = False, blocks: int | None = None,
                torch_threads: tuple[int, ...] = (), peak_n: int = 2048, devices=None,
-               verbose: bool = True) -> dict[str, Any]:
+               torch_compile: bool = False, verbose: bool = True) -> dict[str, Any]:
   """Times the config's train step (and diffusers' with vs_diffusers); returns a summary.
 
-  torch runs with as many threads as JAX's CPU client (`cpu_threads()`); `torch_threads`
+  On a GPU, diffusers runs on CUDA (TorchRunner), and `torch_compile` adds a torch.compile
+  run ("diffusers_compiled"). On CPU, torch runs with as many threads as JAX's CPU client
+  (`cpu_threads()`); `torch_threads`
   adds diffusers runs with other thread counts ("diffusers_{n}t"), reported next to it (on
   an oversubscribed machine torch's OpenMP barriers can make 1 thread faster than 2).
 
@@ -222,11 +240,15 @@ def bench_main(config: ConfigDict, *, steps: int = 10, warmup: int = 2,
 
   runners = {"sd3jax": JaxRunner(built)}
   if vs_diffusers:
-    runners["diffusers"] = TorchRunner(config, threads)
+    device = "cuda" if platform == "gpu" else "cpu"
+    runners["diffusers"] = TorchRunner(config, threads, device)
+    if torch_compile:
+      runners["diffusers_compiled"] = TorchRunner(config, threads, device, compile=True)
     for n_threads in torch_threads:
       if n_threads != threads:
         runners[f"diffusers_{n_threads}t"] = TorchRunner(config, n_threads)
-    result["torch_peak_gflops_per_sec"] = measure_torch_matmul_peak(peak_n) / 1e9
+    if platform == "cpu":
+      result["torch_peak_gflops_per_sec"] = measure_torch_matmul_peak(peak_n) / 1e9
   for run in runners.values():
     if warmup:
       run(warmup)
@@ -275,5 +297,5 @@ def format_result(r: dict[str, Any]) -> str:
       lines.append(line)
   if "ratio" in r:
     lines.append(f"  sd3jax / diffusers ({r['torch_threads']} torch threads): {r['ratio']:.2f}x "
-                 f"steps/s; vs the fastest torch thread count: {r['ratio_vs_best_torch']:.2f}x")
+                 f"steps/s; vs the fastest torch run: {r['ratio_vs_best_torch']:.2f}x")
   return "\n".join(lines)

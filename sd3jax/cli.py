@@ -109,6 +109,8 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   # bench / compile / scaling (sd3jax.bench, sd3jax.compile, sd3jax.scaling).
   flags.DEFINE_bool("vs-diffusers", False, "bench: also time diffusers + torch AdamW, same run.",
                     flag_values=flag_values)
+  flags.DEFINE_bool("torch-compile", False, "bench --vs-diffusers on a GPU: also time "
+                    "torch.compile of diffusers' model.", flag_values=flag_values)
   flags.DEFINE_string("topology", None, "compile: TPU slice, e.g. v5p:4x4x4 or v6e-16.",
                       flag_values=flag_values)
   flags.DEFINE_bool("search", False, "compile: try attention kernels x remat policies x "
@@ -296,13 +298,16 @@ def _export(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 
 @command("bench", "Steady-state train-step speed [--steps N] [--vs-diffusers].",
-         needs_workdir=False, flags=("steps", "vs-diffusers"),
-         examples=("sd3jax bench --config experiments/shapes.py --steps 20 --vs-diffusers",))
+         needs_workdir=False, flags=("steps", "vs-diffusers", "torch-compile"),
+         examples=("sd3jax bench --config experiments/shapes.py --steps 20 --vs-diffusers",
+                   "sd3jax bench --config experiments/scaling.py:preset=paper,depth=24,batch=32 "
+                   "--steps 20 --vs-diffusers --torch-compile   # on one GPU"))
 def _bench(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import bench
   fv = flags.FLAGS
   steps = fv["steps"].value if fv["steps"].present else 10  # --steps is shared with sample
-  bench.bench_main(config, steps=steps, vs_diffusers=fv["vs-diffusers"].value)
+  bench.bench_main(config, steps=steps, vs_diffusers=fv["vs-diffusers"].value,
+                   torch_compile=fv["torch-compile"].value)
   return 0
 
 
