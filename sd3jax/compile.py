@@ -193,7 +193,8 @@ def _fit_words(r: dict[str, Any]) -> str:
   if r.get("needed_bytes"):
     return f"does not fit (XLA asked for {r['needed_bytes'] / GiB:.1f} GiB)"
   if "total_bytes" in r:
-    return f"does not fit ({r['total_bytes'] / GiB:.1f} GiB over the budget)"
+    return (f"does not fit ({r['total_bytes'] / GiB:.1f} GiB per chip, over "
+            f"{r['hbm_fraction']:.0%} of HBM)")
   return "does not fit"
 
 
