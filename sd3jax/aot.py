@@ -19,6 +19,10 @@ Two things XLA's numbers do not say by themselves, corrected here:
   depth-4 MM-DiT reports half the FLOPs of the unscanned one). The report counts matmul
   FLOPs from the jaxpr instead, where scan lengths are static, every iteration included,
   and scales bytes accessed by the matmuls' loop factor.
+- A Pallas kernel (splash attention) is a custom call whose FLOPs XLA does not count at all;
+  the report counts its matmuls once per grid point from the kernel's own jaxpr.
+- libtpu's cost model ("optimal_seconds") is reported next to the roofline, with the loop
+  correction applied to it as well: the two disagree, and a plan should see both.
 - Going over HBM is a compile error on TPU (RESOURCE_EXHAUSTED), not a number; the report
   turns it into fits=False with XLA's message.
 """
