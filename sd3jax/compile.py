@@ -218,6 +218,9 @@ def format_search(result: dict[str, Any]) -> str:
                  f"{r['temp_bytes'] / GiB:.2f} / {r['total_bytes'] / GiB:.2f} GiB | {roof} | "
                  f"{cost} |")
   lines.append("")
+  if any("xla_optimal_seconds" in r and "cost_model_seconds" not in r for r in result["rows"]):
+    lines.append("libtpu's cost model gave no valid estimate for this chip (a negative time); "
+                 "rows are ranked by the roofline.")
   if result["best"] is None:
     lines.append("Nothing fits: use a larger slice, a smaller batch per chip, or tensor "
                  "parallelism (config.mesh, sharding_rules=fsdp_tp).")
