@@ -366,8 +366,8 @@ def compile_report(fn: Callable[..., Any], abstract_args: Sequence[Any], *,
                 flops=flops, bytes_accessed=xla_bytes * loop_factor, loop_factor=loop_factor)
   if "optimal_seconds" in ca:  # libtpu's own time estimate, loop bodies once too
     report["xla_optimal_seconds"] = float(ca["optimal_seconds"])
-    # For v6e (libtpu 0.0.42) it came out negative (-77 to -111 s) for every d 24 / d 38 step
-    # at 1024^2 we compiled: no estimate then.
+    # For v6e (libtpu 0.0.42) it came out negative (-77 to -171 s) for every d 24 / d 38 step
+    # we compiled, at 256^2 and 1024^2: no estimate then.
     if report["xla_optimal_seconds"] > 0:
       report["cost_model_seconds"] = report["xla_optimal_seconds"] * loop_factor
   if model_flops is not None:
