@@ -29,7 +29,6 @@ Two things XLA's numbers do not say by themselves, corrected here:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import importlib.metadata
 import importlib.util

@@ -1,5 +1,4 @@
 """MM-DiT: parity with diffusers' SD3Transformer2DModel, layouts, remat, sharding, sizes."""
-import json
 import os
 
 import flax.linen as nn

@@ -43,7 +43,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd3jax.models import attention as attention_lib
-from sd3jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, logical
+from sd3jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh
 
 REMAT_POLICIES = {
     "none": None,
