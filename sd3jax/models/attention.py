@@ -160,24 +160,21 @@ def padded_length(seq_len: int) -> int:
   return -(-seq_len // SPLASH_ALIGN) * SPLASH_ALIGN
 
 
-def _splash_kernel(seq_len: int, heads: int, interpret: bool):
+def _splash_local(q, k, v, *, seq_len: int, interpret: bool):
+  """Splash on one shard: (B, T, H, D) -> (B, T, H, D), padding masked by segment ids."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
+  t, heads = q.shape[1], q.shape[2]
   b = splash_block(seq_len)
   sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                         block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-  mask = sa.MultiHeadMask([sa.FullMask((seq_len, seq_len))] * heads)
-  # Built where it is used: its block tables become constants of the trace being built.
-  return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret), sa.SegmentIds
-
-
-def _splash_local(q, k, v, *, seq_len: int, interpret: bool):
-  """Splash on one shard: (B, T, H, D) -> (B, T, H, D), padding masked by segment ids."""
-  t, heads = q.shape[1], q.shape[2]
-  kernel, segment_ids = _splash_kernel(seq_len, heads, interpret)
+  # Built where it is used: its block tables become constants of the trace being built
+  # (cached across traces, they would leak tracers out of nn.scan).
+  kernel = sa.make_splash_mha(sa.MultiHeadMask([sa.FullMask((seq_len, seq_len))] * heads),
+                              block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, seq_len - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   seg = (jnp.arange(seq_len) >= t).astype(jnp.int32)       # 0: tokens, 1: padding
-  ids = segment_ids(q=seg, kv=seg)
+  ids = sa.SegmentIds(q=seg, kv=seg)
   out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=ids))(
       pad(q * _scale(q)), pad(k), pad(v))
   return out.transpose(0, 2, 1, 3)[:, :t]
