@@ -2,6 +2,13 @@
 
   sd3jax run --config experiments/shapes.py --workdir runs/shapes
   sd3jax run --config experiments/shapes.py:smoke --workdir /tmp/smoke   # CI: a few minutes
+  sd3jax run --config experiments/shapes.py:aspect --workdir runs/shapes_aspect
+
+`aspect`: the multi-aspect variant. Each scene is rendered at 64x64, 48x80 or 80x48 (one
+third each); precompute encodes every image at its bucket, every training batch comes from
+one bucket, the trainer compiles the three steps before step 1, and the timestep shift
+follows the resolution rule per bucket (6 at 64x64, 5.81 at 48x80 and 80x48). Evals sample
+each prompt at one bucket (in turn) and report the checker per bucket.
 
 Stages (sd3jax.job; each resumable, skipped once done):
   data        procedural shapes, 64x64: `num_train` train / 512 validation scenes (TFDS build)
@@ -44,7 +51,8 @@ Real data and weights: set precompute.vae / precompute.text_encoders to diffuser
 (the vae / encoders stages are then skipped) and job.data to a records folder of images
 with captions (sd3jax.data.ingest); see experiments/sd3_medium.py for a pod-sized model.
 
-`arg` = "[smoke][,key=value...]" with keys steps, vae_steps, num_train, batch, depth, width.
+`arg` = "[smoke][,aspect][,key=value...]" with keys steps, vae_steps, num_train, batch,
+depth, width.
 """
 import os
 
@@ -56,18 +64,25 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def _parse(arg: str | None) -> dict:
   out = dict(steps=4800, vae_steps=400, num_train=6000, batch=16, depth=4, width=128)
   parts = [p for p in (arg or "").split(",") if p]
-  smoke = bool(parts) and parts[0] == "smoke"
+  smoke = "smoke" in parts
+  aspect = "aspect" in parts
+  parts = [p for p in parts if p not in ("smoke", "aspect")]
   if smoke:
-    parts.pop(0)
     out.update(steps=30, vae_steps=20, num_train=256, batch=16, depth=2, width=64)
   for p in parts:
     key, sep, value = p.partition("=")
     if not sep or key not in out:
-      raise ValueError(f"experiments/shapes.py:ARG: {p!r}; use [smoke][,key=value] with keys "
+      raise ValueError(f"experiments/shapes.py:ARG: {p!r}; use [smoke][,aspect][,key=value] "
+                       f"with keys "
                        f"{sorted(out)}.")
     out[key] = int(value)
-  out["smoke"] = smoke
+  out["smoke"], out["aspect"] = smoke, aspect
   return out
+
+
+# The multi-aspect variant's buckets (pixels): ~4,000 pixels each, multiples of 8 (f4 x
+# patch 2); the square one is the reference size of the shift rule.
+ASPECT_BUCKETS = ((64, 64), (48, 80), (80, 48))
 
 
 def _vae_config(a: dict) -> ConfigDict:
@@ -115,7 +130,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # The job's stages and their own settings (sd3jax.job).
   c.job = ConfigDict(dict(
       data="",                 # "": render shapes into WORKDIR/data; or a records folder
-      shapes=dict(resolution=64, num_train=a["num_train"], num_val=512, seed=0),
+      shapes=dict(resolution=64, num_train=a["num_train"], num_val=512, seed=0,
+                  sizes=ASPECT_BUCKETS if a["aspect"] else ()),
       encoders=dict(clip_l_width=64, clip_g_width=128, t5_width=256, clip_max_length=16,
                     seed=0),
       vae=_vae_config(a),
@@ -142,6 +158,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   # Data: precomputed records (written by the precompute stage; paths set by the job).
   c.data = ConfigDict(dict(source="records", path="", image_size=64, vae_factor=4,
+                           buckets=ASPECT_BUCKETS if a["aspect"] else (),
                            synthetic_period=0, p_synthetic=0.5, producer_key="",
                            workers=0, threads=2, prefetch=4))
   c.conditioning = ConfigDict(dict(
@@ -154,7 +171,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # Objective: rectified flow, logit-normal(0, 1) timesteps shifted by 6 (SD3 uses 3 at
   # 1024^2): at this size the layout is decided at high noise (see the docstring).
   c.flow = ConfigDict(dict(formulation="rf", density="logit_normal", logit_mean=0.0,
-                           logit_std=1.0, mode_scale=1.29, shift=6.0))
+                           logit_std=1.0, mode_scale=1.29, shift=6.0,
+                           shift_rule="resolution" if a["aspect"] else "fixed"))
 
   c.optimizer = ConfigDict(dict(learning_rate=2e-3, b1=0.9, b2=0.99, eps=1e-8,
                                 weight_decay=0.0, grad_clip_norm=1.0, max_nonfinite_steps=20))

@@ -92,6 +92,10 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   flags.DEFINE_float("shift", None, "sample: sampling shift of t (default: the run's "
                      "config.eval.sample_shift; the scheduler's for --pipeline).",
                      flag_values=flag_values)
+  flags.DEFINE_integer("height", None, "sample: image height in pixels (default: the run's "
+                       "config.data.image_size; any bucket size works).", flag_values=flag_values)
+  flags.DEFINE_integer("width", None, "sample: image width in pixels (default: the height).",
+                       flag_values=flag_values)
   flags.DEFINE_enum("sampler", "euler", ["euler", "heun", "dpmpp_2m"], "sample: ODE sampler.",
                     flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "sample: noise seed (image i: fold_in(seed, i)).",
@@ -256,10 +260,12 @@ def _precompute(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 @command("sample", "Text -> PNGs + grid from --workdir's weights (a job's or a trainer's "
          "run folder) or a --pipeline DIR.", needs_workdir=False, needs_config=False,
-         flags=("prompt", "prompts", "negative", "steps", "cfg", "shift", "sampler", "seed",
-                "no_t5", "ema", "step", "out", "pipeline"),
+         flags=("prompt", "prompts", "negative", "steps", "cfg", "shift", "height", "width",
+                "sampler", "seed", "no_t5", "ema", "step", "out", "pipeline"),
          examples=('sd3jax sample --workdir runs/shapes --prompt "a red circle in the top left"',
                    "sd3jax sample --workdir runs/shapes --prompts prompts.txt --cfg 7 --out /tmp/s",
+                   'sd3jax sample --workdir runs/shapes_aspect --height 48 --width 80 '
+                   '--prompt "a red circle on the left"',
                    'sd3jax sample --pipeline /data/sd3 --prompt "a photo of a cat"'))
 def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import sample
@@ -269,7 +275,8 @@ def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   paths = sample.sample_main(
       config, workdir, sample.read_prompts(fv.prompt, fv.prompts), negative=fv.negative,
       steps=fv.steps, cfg=fv.cfg, shift=fv.shift, sampler=fv.sampler, seed=fv.seed,
-      no_t5=fv.no_t5, use_ema=fv.ema, out=fv.out, pipeline=fv.pipeline, step=fv.step)
+      no_t5=fv.no_t5, use_ema=fv.ema, out=fv.out, pipeline=fv.pipeline, step=fv.step,
+      height=fv.height, width=fv.width)
   print(f"wrote {len(paths) - 1} images and {paths[-1]}")
   return 0
 

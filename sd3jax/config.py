@@ -48,7 +48,9 @@ def defaults() -> ConfigDict:
   c.data = ConfigDict(dict(
       source="synthetic",      # "synthetic" (sd3jax.data.synthetic) or "records"
       path="",                 # records folder for source="records"
-      image_size=256,          # pixels, square
+      image_size=256,          # pixels, square; the reference size of the shift rule
+      buckets=(),              # aspect-ratio buckets, pixel (h, w) pairs; (): one square
+                               # bucket of image_size (sd3jax.buckets)
       vae_factor=8,            # VAE downsampling: latent side = image_size / vae_factor
       synthetic_period=0,      # synthetic batches repeat after this many (0: never)
       p_synthetic=0.5,         # records: probability of the synthetic caption
@@ -84,6 +86,8 @@ def defaults() -> ConfigDict:
       logit_mean=0.0, logit_std=1.0,  # logit_normal(m, s)
       mode_scale=1.29,         # mode(s)
       shift=1.0,               # resolution shift of t (3.0 at 1024^2)
+      shift_rule="fixed",      # fixed | resolution: shift x sqrt(h w) / image_size per
+                               # bucket (sd3jax.buckets), in training and sampling
   ))
   c.optimizer = ConfigDict(dict(
       learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
@@ -336,6 +340,12 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     raise ConfigError(f"config.data.image_size={config.data.image_size} gives a "
                       f"{latent // m.patch_size}-patch side, larger than "
                       f"config.model.pos_embed_max_size={m.pos_embed_max_size}.")
+
+  if config.task == "mmdit":
+    from sd3jax import buckets as buckets_lib
+    problems = buckets_lib.check(config)
+    if problems:
+      raise ConfigError(" ".join(problems))
 
   # Conditioning shapes agree with the model's input widths.
   cond = config.conditioning

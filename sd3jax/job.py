@@ -44,7 +44,8 @@ _DEPENDS = {
     "data": ("job.data", "job.data_val", "job.shapes"),
     "encoders": ("job.encoders", "precompute.text_encoders"),
     "vae": ("job.vae", "precompute.vae"),
-    "precompute": ("precompute", "conditioning", "data.image_size", "data.vae_factor"),
+    "precompute": ("precompute", "conditioning", "data.image_size", "data.buckets",
+                   "data.vae_factor"),
     "train": ("task", "seed", "total_steps", "batch_size", "microbatches", "init_from", "model",
               "data", "flow", "optimizer", "schedule", "ema", "mesh", "sharding_rules"),
     "sample": ("job.sample_prompts", "job.sample_seed", "eval.sample_steps", "eval.sample_cfg",
@@ -87,6 +88,13 @@ class Paths:
     self.workdir = workdir
     self.job = os.path.join(workdir, "job")
     self.data = config.job.data or os.path.join(workdir, "data")
+    self.shapes_build = ""  # the shapes build the precompute stage reads (one of several)
+    if not config.job.data:
+      from sd3jax.data import shapes_tfds
+      s = config.job.shapes
+      self.shapes_build = shapes_tfds.dataset_dir(self.data, shapes_tfds.config_name(
+          int(s.resolution), int(s.resolution), int(s.num_train), int(s.num_val), int(s.seed),
+          [tuple(b) for b in s.get("sizes", ())]))
     self.data_val = config.job.get("data_val", "")
     self.encoders = config.precompute.text_encoders or os.path.join(workdir, "encoders")
     self.vae_run = os.path.join(workdir, "vae")
@@ -146,7 +154,7 @@ def mmdit_config(config: ConfigDict, paths: Paths) -> ConfigDict:
       c.eval.path = os.path.join(paths.records, "validation")
     c.precompute.vae = paths.vae
     c.precompute.text_encoders = paths.encoders
-    c.precompute.source = paths.data
+    c.precompute.source = paths.shapes_build or paths.data
   return c
 
 
@@ -171,9 +179,11 @@ def stage_data(config: ConfigDict, paths: Paths) -> dict[str, Any]:
     return {"path": config.job.data, "built": False}
   from sd3jax.data import shapes_tfds
   s = config.job.shapes
+  sizes = [tuple(b) for b in s.get("sizes", ())]
   shapes_tfds.build_shapes(paths.data, int(s.resolution), int(s.num_train), int(s.num_val),
-                           int(s.seed))
-  return {"path": paths.data, "num_train": int(s.num_train), "num_val": int(s.num_val)}
+                           int(s.seed), sizes=sizes)
+  return {"path": paths.shapes_build, "num_train": int(s.num_train), "num_val": int(s.num_val),
+          "sizes": [list(b) for b in sizes] or [[int(s.resolution)] * 2]}
 
 
 def stage_encoders(config: ConfigDict, paths: Paths) -> dict[str, Any]:
@@ -234,13 +244,18 @@ def stage_sample(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   from sd3jax import sample
   c = mmdit_config(config, paths)
   pipe = sample.pipeline_from_run(sample.run_config(c, None), paths.mmdit)
+  from sd3jax import buckets as buckets_lib
   prompts = list(config.job.sample_prompts)
-  size = int(config.data.image_size)
   settings = sample.run_sampling_settings(c)  # the in-training evals' settings
-  images = sample.generate(pipe, prompts, height=size, width=size, steps=settings["steps"],
-                           guidance_scale=settings["cfg"], shift=settings["shift"],
-                           seed=int(config.job.sample_seed))
-  written = sample.save_images(images, paths.samples, prompts, cols=4)
+  images, names = [], []
+  sizes = buckets_lib.pixel_buckets(c)
+  for h, w in sizes:  # every prompt at every bucket, one block each
+    images += list(sample.generate(
+        pipe, prompts, height=h, width=w, steps=settings["steps"],
+        guidance_scale=settings["cfg"], shift=buckets_lib.sample_shift(c, h, w, settings["shift"]),
+        seed=int(config.job.sample_seed)))
+    names += prompts if len(sizes) == 1 else [f"{p} {h}x{w}" for p in prompts]
+  written = sample.save_images(images, paths.samples, names, cols=4)
   return {"grid": written[-1], "images": len(written) - 1}
 
 

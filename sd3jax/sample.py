@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sd3jax import buckets as buckets_lib
 from sd3jax import flow, parallel
 from sd3jax.conditioning import TextEncoders
 from sd3jax.models import mmdit
@@ -287,21 +288,25 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2,
+def make_grid(images: np.ndarray | Sequence[np.ndarray], cols: int | None = None, pad: int = 2,
               background: float = 1.0) -> np.ndarray:
-  """(B, H, W, 3) -> one (rows * (H + pad) + pad, cols * (W + pad) + pad, 3) image."""
-  images = np.asarray(images)
-  if images.ndim != 4:
-    raise ValueError(f"make_grid expects (B, H, W, C) images, got shape {images.shape}.")
-  b, h, w, c = images.shape
+  """(B, H, W, 3), or B images of several sizes (aspect-ratio buckets) -> one image of
+  rows x cols cells, each as large as the largest image; smaller ones sit in its centre."""
+  images = [np.asarray(im) for im in images]
+  if not images or any(im.ndim != 3 for im in images):
+    raise ValueError("make_grid expects (B, H, W, C) images or a list of (H, W, C) images, got "
+                     f"shapes {[im.shape for im in images]}.")
+  b, c = len(images), images[0].shape[-1]
+  h, w = max(im.shape[0] for im in images), max(im.shape[1] for im in images)
   cols = cols or math.ceil(math.sqrt(b))
   rows = math.ceil(b / cols)
-  fill = 255 * background if images.dtype == np.uint8 else background
-  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), fill, images.dtype)
+  fill = 255 * background if images[0].dtype == np.uint8 else background
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), fill, images[0].dtype)
   for i, image in enumerate(images):
     r, q = divmod(i, cols)
-    y, x = pad + r * (h + pad), pad + q * (w + pad)
-    grid[y:y + h, x:x + w] = image
+    y = pad + r * (h + pad) + (h - image.shape[0]) // 2
+    x = pad + q * (w + pad) + (w - image.shape[1]) // 2
+    grid[y:y + image.shape[0], x:x + image.shape[1]] = image
   return grid
 
 
@@ -318,10 +323,12 @@ def save_image(path: str, image: np.ndarray) -> str:
   return path
 
 
-def save_images(images: np.ndarray, out_dir: str, prompts: Sequence[str] | None = None, *,
-                cols: int | None = None, grid_name: str = "grid.png") -> list[str]:
-  """Writes NNNN_<prompt>.png per image and a grid; returns the paths, the grid last."""
-  images = to_uint8(images)
+def save_images(images: np.ndarray | Sequence[np.ndarray], out_dir: str,
+                prompts: Sequence[str] | None = None, *, cols: int | None = None,
+                grid_name: str = "grid.png") -> list[str]:
+  """Writes NNNN_<prompt>.png per image and a grid; returns the paths, the grid last.
+  `images`: (B, H, W, 3) in [0, 1], or a list of such (H, W, 3) of several sizes."""
+  images = [to_uint8(im) for im in images]
   if prompts is not None:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(images):
@@ -499,17 +506,19 @@ def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
                 negative: str | None = None, steps: int | None = None, cfg: float | None = None,
                 shift: float | None = None, sampler: str = "euler", seed: int = 0,
                 no_t5: bool = False, use_ema: bool = True, out: str | None = None,
-                pipeline: str | None = None, step: int | None = None) -> list[str]:
+                pipeline: str | None = None, step: int | None = None,
+                height: int | None = None, width: int | None = None) -> list[str]:
   """`sd3jax sample`: PNGs + grid of a run (EMA or raw weights) or of a pipeline folder.
 
   steps / cfg / shift left as None are the run's own (`run_sampling_settings`), so a run's
   first samples look like its in-training ones; for a pipeline folder 28, 5.0 and the
-  scheduler's shift (diffusers' defaults).
+  scheduler's shift (diffusers' defaults). height / width: any multiple of VAE factor x
+  patch size (a run's default: config.data.image_size); a run's shift then follows its
+  config.flow.shift_rule at that size, as in training.
   """
   if pipeline:
     from sd3jax.interop.pipeline import load_pipeline
     pipe = load_pipeline(pipeline, use_t5=not no_t5)
-    height = width = None
     defaults = {"steps": 28, "cfg": 5.0, "shift": pipe.shift}
     out = out or os.path.join(".", "generated")
   else:
@@ -517,11 +526,13 @@ def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
     out = out or os.path.join(workdir or ".", "generated")
     workdir = resolve_run_dir(workdir)  # a job folder means its MM-DiT run
     config = run_config(config, workdir)
+    height = int(height or config.data.image_size)
+    width = int(width or height)
     defaults = run_sampling_settings(config)
+    defaults["shift"] = buckets_lib.sample_shift(config, height, width, defaults["shift"])
     pipe = pipeline_from_run(config, workdir, step=step, use_ema=use_ema,
                              shift=defaults["shift"] if shift is None else shift,
                              use_t5=not no_t5)
-    height = width = int(config.data.image_size)
   steps = defaults["steps"] if steps is None else int(steps)
   cfg = defaults["cfg"] if cfg is None else float(cfg)
   shift = defaults["shift"] if shift is None else float(shift)

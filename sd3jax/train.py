@@ -45,8 +45,11 @@ from sd3jax import console
 from sd3jax import metrics as metrics_lib
 from sd3jax import optim
 from sd3jax import parallel
+from sd3jax import buckets as buckets_lib
 from sd3jax.data import records
 from sd3jax.data import synthetic
+from sd3jax.evals import hooks
+from sd3jax.evals.hooks import EvalFn
 from sd3jax.models import mmdit
 
 # A run stopped by SIGTERM / SIGINT after saving exits with this code (EX_TEMPFAIL:
@@ -88,6 +91,11 @@ class Task:
   make_evals: Callable[[], list]               # built-in EvalFns (run if eval.every_steps > 0)
   finish: Callable[[str, Any], None] | None = None  # (workdir, state) at the last step
   histograms: tuple[str, ...] = ()             # metrics logged as histograms, not means
+  # Aspect-ratio buckets: the (h, w) of batch[spatial_key]'s dims 1-2 in each bucket; one
+  # step is compiled per bucket before step 1. (): only the first batch's shape.
+  buckets: Sequence[tuple[int, int]] = ()
+  spatial_key: str = "latents"
+  bucket_names: Sequence[str] = ()             # per bucket, for logs ("HxW" in pixels)
 
 
 @dataclasses.dataclass
@@ -97,6 +105,7 @@ class TrainResult:
   metrics: dict                # the last logged record
   history: list[dict]          # every logged record of this invocation
   interrupted: bool = False    # stopped by a signal (a checkpoint of `step` was written)
+  compiles: list[dict] = dataclasses.field(default_factory=list)  # bucket, seconds, step
 
 
 # =============================================================================================
@@ -117,11 +126,11 @@ def input_shapes(config: ConfigDict, batch: int) -> dict[str, tuple[int, ...]]:
 
 
 def flops_per_step(config: ConfigDict) -> float:
-  """Analytic training FLOPs of one step: 3 x forward, whole global batch."""
-  latent = config_lib.latent_size(config)
-  fwd = mmdit.flops_per_forward(config_lib.model_config(config), latent, latent,
-                                config_lib.text_len(config))
-  return 3.0 * fwd * config.batch_size
+  """Analytic training FLOPs of one step: 3 x forward, whole global batch (the mean over
+  the buckets, which hold about equal pixel counts)."""
+  cfg, text = config_lib.model_config(config), config_lib.text_len(config)
+  fwd = [mmdit.flops_per_forward(cfg, h, w, text) for h, w in buckets_lib.latent_buckets(config)]
+  return 3.0 * float(np.mean(fwd)) * config.batch_size
 
 
 # =============================================================================================
@@ -222,6 +231,7 @@ def make_loss_and_grads(config: ConfigDict, model: nn.Module, mesh: Mesh):
   k = int(config.microbatches)
   axes = batch_axes(config.sharding_rules)
   t5_width, drop = config.model.joint_attention_dim, float(config.conditioning.drop_prob)
+  factor = int(config.data.vae_factor)
 
   def loss_fn(params, mb):
     pred = model.apply({"params": params}, mb["z_t"], mb["t"], mb["context"], mb["pooled"])
@@ -235,8 +245,11 @@ def make_loss_and_grads(config: ConfigDict, model: nn.Module, mesh: Mesh):
   def loss_and_grads(params, batch, rng):
     flow_rng, drop_rng = jax.random.split(rng)
     x0 = batch["latents"].astype(jnp.float32)
+    # The bucket's shift (config.flow.shift_rule): the latent shape is static, so each
+    # bucket's compiled step has its own constant.
+    shift = buckets_lib.train_shift(config, x0.shape[1] * factor, x0.shape[2] * factor)
     z_t, t, target, weight = flow.training_inputs(flow_rng, x0, formulation, density,
-                                                  shift=fcfg.shift)
+                                                  shift=shift)
     context, pooled = text_conditioning(drop_rng, batch, drop, t5_width)
     weight = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), t.shape)
     inputs = {"z_t": z_t, "t": t, "context": context, "pooled": pooled, "target": target,
@@ -301,14 +314,16 @@ def mmdit_task(config: ConfigDict, mesh: Mesh, workdir: str = "") -> Task:
 
   def make_evals() -> list[EvalFn]:
     from sd3jax.evals import run as eval_run
-    evals = [make_validation_loss(config, model, mesh)]
+    evals = [hooks.make_validation_loss(config, model, mesh)]
     if eval_run.prompt_following_enabled(config):  # Else no way from latents to pixels.
-      evals.append(make_prompt_following(config, model, mesh, workdir))
+      evals.append(hooks.make_prompt_following(config, model, mesh, workdir))
     return evals
   return Task(name="mmdit", init_params=mmdit_init_params(config, model, shards),
               loss_and_grads=grads, make_data=make_data,
               tx=optim.make_optimizer(config.optimizer), flops_per_step=flops_per_step(config),
-              make_evals=make_evals, histograms=("t",))
+              make_evals=make_evals, histograms=("t",),
+              buckets=buckets_lib.latent_buckets(config), spatial_key="latents",
+              bucket_names=[buckets_lib.name(*b) for b in buckets_lib.pixel_buckets(config)])
 
 
 def make_task(config: ConfigDict, mesh: Mesh, workdir: str) -> Task:
@@ -376,6 +391,50 @@ def compile_step(step_fn, state: TrainState, batch: Mapping[str, jax.Array], mes
   return _COMPILED[key]
 
 
+def bucket_specs(batch: Mapping[str, jax.Array], task: Task) -> list[dict[str, Any]]:
+  """Abstract global batches, one per bucket: `batch` (one global batch, any bucket) with
+  batch[task.spatial_key]'s dims 1-2 set to the bucket's; [batch's own] without buckets."""
+  spec = lambda v, shape: jax.ShapeDtypeStruct(shape, v.dtype, sharding=v.sharding)
+  own = {k: spec(v, v.shape) for k, v in batch.items()}
+  if not task.buckets or task.spatial_key not in batch:
+    return [own]
+  x = batch[task.spatial_key]
+  return [{**own, task.spatial_key: spec(x, (x.shape[0], h, w, *x.shape[3:]))}
+          for h, w in task.buckets]
+
+
+def shapes_key(batch: Mapping[str, Any]) -> tuple:
+  return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+
+
+def bucket_name(batch: Mapping[str, Any], task: Task) -> str:
+  """The log name of a batch's bucket ("" for a run with one shape)."""
+  if len(task.buckets) < 2 or task.spatial_key not in batch:
+    return ""
+  hw = tuple(batch[task.spatial_key].shape[1:3])
+  names = dict(zip(map(tuple, task.buckets), task.bucket_names or ()))
+  return names.get(hw, buckets_lib.name(*hw))
+
+
+def compile_buckets(step_fn, state: TrainState, batch: Mapping[str, jax.Array], task: Task,
+                    mesh: Mesh, step: int) -> tuple[dict[tuple, Any], list[dict[str, Any]]]:
+  """Compiles the step for every bucket (or loads it from the persistent compilation
+  cache) before training starts, so no step waits on a compile. Returns (batch shapes ->
+  executable, a record per compile: bucket, seconds, step)."""
+  compiled, log = {}, []
+  specs = bucket_specs(batch, task)
+  names = list(task.bucket_names) if len(specs) == len(task.bucket_names) else [""] * len(specs)
+  for name, spec in zip(names, specs):
+    t0 = time.perf_counter()
+    compiled[shapes_key(spec)] = compile_step(step_fn, state, spec, mesh)
+    log.append({"bucket": name or "all", "seconds": round(time.perf_counter() - t0, 2),
+                "step": step})
+    if len(specs) > 1:
+      console.say(f"Step for bucket {name} ({len(log)}/{len(specs)}) ready in "
+                  f"{log[-1]['seconds']:.1f} s.")
+  return compiled, log
+
+
 # =============================================================================================
 # Checkpoint
 # =============================================================================================
@@ -427,70 +486,6 @@ def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Ca
 
 
 # =============================================================================================
-# Eval hook
-# =============================================================================================
-
-# (step, state) -> {name: scalar}; a uint8 (H, W, 3) array is an image (TensorBoard only).
-EvalFn = Callable[[int, TrainState], Mapping[str, Any]]
-
-
-def make_validation_loss(config: ConfigDict, model: nn.Module, mesh: Mesh) -> EvalFn:
-  """Loss of the EMA weights at fixed t and noise, no encoder dropout, on the held-out set
-  (config.eval.path, else synthetic with seed + 1): sd3jax.evals.validation."""
-  from sd3jax.evals import validation
-  val = validation.ValidationLoss(config, model, mesh)
-
-  def evaluate(step: int, state: TrainState) -> dict[str, float]:
-    return validation.flat_metrics(val(state.ema_params))
-  return evaluate
-
-
-def make_prompt_following(config: ConfigDict, model: nn.Module, mesh: Mesh,
-                          workdir: str) -> EvalFn:
-  """Shapes prompt following of the EMA weights, as `sd3jax evaluate` measures it (same
-  prompts, sampler settings and seeds), and WORKDIR/samples/step_<N>.png: one row per
-  category, the same prompts at every step. The VAE and text encoders load once, here."""
-  from sd3jax import sample as sample_lib
-  from sd3jax.evals import run as eval_run
-  components = sample_lib.load_run_components(config, mesh)
-  pipe = sample_lib.pipeline_from_params(config, model, None, components, mesh)
-  cols = int(config.eval.get("prompts_per_category", 4))
-
-  def evaluate(step: int, state: TrainState) -> dict[str, Any]:
-    nonlocal pipe  # Carries the compiled sampler from one eval to the next.
-    pipe = sample_lib.with_transformer_params(pipe, state.ema_params)
-    specs, images = eval_run.eval_images(config, pipe)  # Sharded: every process samples.
-    grid = sample_lib.make_grid(sample_lib.to_uint8(images), cols=cols)
-    if jax.process_index() == 0:
-      sample_lib.save_image(os.path.join(workdir, "samples", f"step_{step}.png"), grid)
-    return {**eval_run.score_images(config, specs, images), "samples": grid}
-  return evaluate
-
-
-def _is_image(v: Any) -> bool:
-  return isinstance(v, np.ndarray) and v.ndim == 3 and v.dtype == np.uint8
-
-
-def run_evals(step: int, state: TrainState, eval_fns: Sequence[EvalFn], workdir: str,
-              writer: metrics_lib.MetricsWriter) -> dict[str, Any]:
-  """Runs the EvalFns; scalars go to eval/step_<N>.json and eval/<name> metrics, images to
-  TensorBoard's eval/<name>. Returns the scalars."""
-  results: dict[str, Any] = {}
-  for fn in eval_fns:
-    results.update(fn(step, state))
-  images = {k: v for k, v in results.items() if _is_image(v)}
-  results = {k: v for k, v in results.items() if k not in images}
-  if results and jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
-      json.dump({"step": step, **results}, f, indent=1)
-    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
-  for k, image in images.items():
-    writer.write_image(step, f"eval/{k}", image)
-  return results
-
-
-# =============================================================================================
 # The loop
 # =============================================================================================
 
@@ -537,6 +532,8 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
     ckpt.close()
     raise
   step = int(jax.device_get(state.step))
+  if config.task == "mmdit" and len(buckets_lib.pixel_buckets(config)) > 1:
+    logging.info("Buckets: %s.", buckets_lib.describe(config))
   logging.info("Mesh %s; %d parameters; starting at step %d.", dict(mesh.shape),
                sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)), step)
 
@@ -559,12 +556,14 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
                         in_shardings=(shardings, None),  # metrics replicated: every
                         out_shardings=(shardings, parallel.replicated(mesh)),  # host reads
                         donate_argnums=0)
-      compiled = {}   # batch shapes -> executable (one per aspect-ratio bucket)
+      compiled: dict[tuple, Any] = {}  # batch shapes -> executable (one per bucket)
+      compiles: list[dict[str, Any]] = []
+      hist_log: dict[str, list] = {}
       bad_records, max_bad = 0, int(config.data.get("max_bad_records", 0))
-      pending = None  # (step, metrics on device) of the last dispatched step
+      pending = None  # (step, metrics on device, bucket) of the last dispatched step
       last_log: dict[str, list] = {}
 
-      def handle(done_step: int, device_metrics: dict) -> None:
+      def handle(done_step: int, device_metrics: dict, bucket: str) -> None:
         """Reads a finished step's metrics (the next one already runs) and acts on them."""
         m = jax.device_get(device_metrics)
         if not m["finite"]:
@@ -581,18 +580,26 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
         if m["finite"]:  # skipped steps are counted in nonfinite_total, not averaged in
           for key in scalars:
             last_log.setdefault(key, []).append(float(m["aux"].get(key, m.get(key))))
+          if bucket:
+            last_log.setdefault(f"loss/{bucket}", []).append(float(m["loss"]))
+        for k in task.histograms:  # per bucket: t is shifted per bucket
+          name = ("timesteps" if k == "t" else k) + (f"/{bucket}" if bucket else "")
+          hist_log.setdefault(name, []).append(np.asarray(m["aux"][k]).reshape(-1))
         if (done_step % config.log.every_steps and done_step != config.total_steps
             and not interrupted):
           return
         record = {k: float(np.mean(last_log[k])) if last_log.get(k) else float("nan")
                   for k in scalars}
+        record.update({k: float(np.mean(v)) for k, v in sorted(last_log.items())
+                       if k.startswith("loss/")})
         last_log.clear()
         record.update(learning_rate=float(m["learning_rate"]), param_norm=float(m["param_norm"]),
                       nonfinite_total=int(m["nonfinite_total"]), **speed.update(done_step))
         if max_bad:
           record["data/bad_records"] = bad_records  # this process, since this start
-        writer.write(done_step, record, histograms={"timesteps" if k == "t" else k: m["aux"][k]
-                                                    for k in task.histograms})
+        writer.write(done_step, record,
+                     histograms={k: np.concatenate(v) for k, v in hist_log.items()})
+        hist_log.clear()
         history.append({"step": done_step, **record})
 
       speed.start(step)
@@ -608,21 +615,33 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
                 "Rewrite those shards, or raise the limit.")
         batch = shard_batch(host_batch, mesh, batch_axes(rules))
         data_state = data.get_state() if hasattr(data, "get_state") else None
-        shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
-        if shapes not in compiled:
+        if not compiled:  # before this invocation's first step: every bucket at once
+          compiled, compiles = compile_buckets(step_fn, state, batch, task, mesh, step)
+          if jax.process_index() == 0:
+            with open(os.path.join(workdir, "compiles.jsonl"), "a") as f:
+              f.writelines(json.dumps(c) + "\n" for c in compiles)
+          speed.start(step)
+        shapes = shapes_key(batch)
+        if shapes not in compiled:  # a data source with a shape outside config.data.buckets
+          logging.warning("Step %d: batch shapes %s are not one of the compiled buckets; "
+                          "compiling now (list every shape in config.data.buckets).",
+                          step + 1, shapes)
+          t0 = time.perf_counter()
           compiled[shapes] = compile_step(step_fn, state, batch, mesh)
+          compiles.append({"bucket": bucket_name(batch, task) or "unplanned",
+                           "seconds": round(time.perf_counter() - t0, 2), "step": step})
           speed.start(step)
         state, metrics = compiled[shapes](state, batch)
         step += 1
         if pending is not None:
           handle(*pending)
-        pending = (step, metrics)
+        pending = (step, metrics, bucket_name(batch, task))
 
         # -- eval hook ---------------------------------------------------------------------
         if eval_fns and config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
           handle(*pending)
           pending = None
-          run_evals(step, state, eval_fns, workdir, writer)
+          hooks.run_evals(step, state, eval_fns, workdir, writer)
           speed.start(step)
 
         # -- checkpoint --------------------------------------------------------------------
@@ -652,4 +671,4 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
       interrupted = interrupted or stop.signum is not None
       stop.restore()
   return TrainResult(state=state, step=step, metrics=history[-1] if history else {},
-                     history=history, interrupted=interrupted)
+                     history=history, interrupted=interrupted, compiles=compiles)

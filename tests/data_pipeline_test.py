@@ -65,30 +65,29 @@ def test_same_seed_same_batches_and_batch_format():
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_process_shards_disjoint_and_cover(process_count):
-  n = 103  # Not a multiple of anything: uneven shards.
+def test_processes_split_the_same_global_batches(process_count):
+  """Process p reads slice p of the global batch one process would read: the processes'
+  slices are disjoint, an epoch covers every example, and the layout changes nothing."""
+  n = 103  # Not a multiple of anything: the last batch of the epoch is topped up.
   src = _source(n)
-  pipes = [P.make_image_text_pipeline(src, global_batch=8, resolution=8, seed=0,
-                                      process_index=p, process_count=process_count)
+  kw = dict(global_batch=8, resolution=8, seed=0)
+  single = P.make_image_text_pipeline(src, process_index=0, process_count=1, **kw)
+  pipes = [P.make_image_text_pipeline(src, process_index=p, process_count=process_count, **kw)
            for p in range(process_count)]
-  shards = [set(p.plan.shard_indices().tolist()) for p in pipes]
-  assert sum(len(s) for s in shards) == n
-  assert set().union(*shards) == set(range(n))
-  assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
-  # One epoch of batches: each process sees exactly its shard (plus top-ups
-  # from its shard), so the union over processes is the whole dataset.
   steps = pipes[0].steps_per_epoch
-  assert steps == -(-n // 8)
-  for p, pipe in enumerate(pipes):
-    batches = _take(iter(pipe), steps)
-    seen = np.concatenate([b["index"] for b in batches])
-    assert len(seen) == steps * 8 // process_count
-    assert set(seen.tolist()) == shards[p]
+  assert steps == single.steps_per_epoch == -(-n // 8)
+  per_process = [_take(iter(pipe), steps) for pipe in pipes]
+  seen = set()
+  for step, whole in enumerate(_take(iter(single), steps)):
+    parts = [per_process[p][step] for p in range(process_count)]
+    assert all(len(b["index"]) == 8 // process_count for b in parts)
+    glued = {k: np.concatenate([b[k] for b in parts]) for k in whole}
+    assert _equal(glued, whole)  # Same examples, pixels and captions, in slot order.
+    seen |= set(whole["index"].tolist())
+  assert seen == set(range(n))
   stats = pipes[0].bucket_stats()
   assert stats["dropped"] == 0 and stats["num_examples"] == n
-  assert [c[0] for c in stats["examples_per_bucket_per_process"]] == [len(s) for s in shards]
-  assert sum(stats["repeats_per_epoch_per_process"][p][0] for p in range(process_count)) == \
-      steps * 8 - n
+  assert stats["repeats_per_epoch_per_bucket"] == [steps * 8 - n]
 
 
 def test_restore_continues_with_exactly_the_next_batch(tmp_path):
@@ -170,7 +169,7 @@ def test_bucketed_batches_one_shape_same_sequence_everywhere(process_count):
   assert stats["examples_per_bucket"] == np.bincount(expected, minlength=5).tolist()
   assert sum(stats["examples_per_bucket"]) == n and stats["dropped"] == 0
   steps = 2 * pipes[0].steps_per_epoch + 3
-  sequences = []
+  sequences, seen_all = [], set()
   for p, pipe in enumerate(pipes):
     seq, seen = [], set()
     for b in _take(iter(pipe), steps):
@@ -185,7 +184,8 @@ def test_bucketed_batches_one_shape_same_sequence_everywhere(process_count):
       seq.append(int(b["bucket"][0]))
       seen |= set(b["index"].tolist())
     sequences.append(seq)
-    assert seen == set(pipe.plan.shard_indices().tolist())
+    seen_all |= seen
+  assert seen_all == set(range(n))  # Every example drawn (each epoch covers them all).
   assert all(s == sequences[0] for s in sequences)  # Same bucket per global step.
   assert [pipes[0].bucket_of_step(s) for s in range(steps)] == sequences[0]
   per_epoch = np.bincount(sequences[0][:pipes[0].steps_per_epoch], minlength=5)
@@ -193,20 +193,23 @@ def test_bucketed_batches_one_shape_same_sequence_everywhere(process_count):
   assert len(set(sequences[0])) > 1
 
 
-def test_small_bucket_is_merged_not_dropped():
-  sizes = [(24, 24)] * 20 + [(10, 40)]  # One very wide image, two processes.
+def test_small_bucket_keeps_its_shape_and_is_not_dropped():
+  """One wide image among 20 square ones, two processes: it keeps its own bucket (a
+  batch of it, topped up by repeats, once an epoch); nothing moves or is dropped."""
+  sizes = [(24, 24)] * 20 + [(10, 40)]
   src = _source(21, sizes)
   buckets = [(24, 24), (12, 48)]
   pipes = [P.make_image_text_pipeline(src, global_batch=4, buckets=buckets, seed=0,
                                       process_index=p, process_count=2) for p in range(2)]
   stats = pipes[0].bucket_stats()
-  assert stats["merged_buckets"] == {"1": 0}
-  assert stats["assigned_per_bucket_before_merge"] == [20, 1]
-  assert stats["examples_per_bucket"] == [21, 0]
+  assert stats["examples_per_bucket"] == [20, 1] and stats["batches_per_epoch_per_bucket"] == [5, 1]
+  assert stats["repeats_per_epoch_per_bucket"] == [0, 3]
   seen = set()
-  for p, pipe in enumerate(pipes):
+  for pipe in pipes:
     for b in _take(iter(pipe), pipe.steps_per_epoch):
-      assert b["image"].shape[1:3] == (24, 24)
+      assert b["image"].shape[1:3] == buckets[int(b["bucket"][0])]
+      if b["image"].shape[1:3] == (12, 48):
+        assert b["index"].tolist() == [20, 20]
       seen |= set(b["index"].tolist())
   assert seen == set(range(21))
 
@@ -295,7 +298,7 @@ def test_config_errors_name_the_fix():
 def test_default_process_layout_comes_from_jax():
   import jax
   pipe = P.make_image_text_pipeline(_source(8), global_batch=4, resolution=8)
-  assert pipe.config["process_count"] == jax.process_count() == 1
+  assert pipe.plan.process_count == jax.process_count() == 1 and pipe.process_index == 0
   assert pipe.per_process_batch == 4
 
 

@@ -54,9 +54,13 @@ def _logs(logs: str, tail: int = 3000) -> str:
 
 def launch(processes: int, workdir: str, logs: str, cache: str, *flags: str) -> int:
   """Runs `sd3jax train` as `processes` x (8 / processes) devices; returns the exit code."""
-  proc = subprocess.Popen(_command(processes, workdir, logs, cache, *flags), env=_env(),
-                          cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  return run_command(_command(processes, workdir, logs, cache, *flags), processes, logs)
+
+
+def run_command(command: list[str], processes: int, logs: str) -> int:
+  """Runs a launch/local.sh command line within TIMEOUT_S; returns the exit code."""
+  proc = subprocess.Popen(command, env=_env(), cwd=ROOT, start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     return proc.wait(timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired:

@@ -10,20 +10,20 @@ threads and optionally worker processes (`mp_prefetch`). Consequences:
     exactly the next batch, JSON-serialisable, independent of worker count.
     `PipelineIterator` is a `grain.DatasetIterator`, so grain's/Orbax's
     checkpoint handlers can save it directly.
-  * Per-process sharding (multi-host): process p of P owns every P-th example
-    of each aspect-ratio bucket (disjoint shards that cover the data, balanced
-    per bucket). Process index/count default to jax.process_index()/count().
   * Buckets: each example goes to the bucket (h, w) nearest its aspect ratio
     (log-ratio distance). An epoch has ceil(C_b / global_batch) steps of
-    bucket b (C_b = examples in b); the order of buckets in epoch e is a
-    shuffle seeded by (seed, e), identical on every process, so every
-    process draws the same bucket (one compiled shape) at every global step.
-    Within an epoch each process visits every example of its shard once, in
-    an order seeded by (seed, process, bucket, epoch); the last batch of a
-    bucket is topped up by repeating examples of that epoch. Nothing is
-    dropped; top-ups and merges are reported in `bucket_stats`.
-  * Buckets with fewer examples than processes cannot be shared out; their
-    examples move to the nearest bucket that can (reported, not dropped).
+    bucket b (C_b = examples in b), so buckets are drawn in proportion to their
+    size; the order of buckets in epoch e is a shuffle seeded by (seed, e).
+    Within an epoch every example of bucket b is drawn once, in an order
+    seeded by (seed, bucket, epoch); the last batch of a bucket is topped up by
+    repeating examples of that epoch. Nothing is dropped; top-ups are reported
+    in `bucket_stats`.
+  * Layout-invariant global batches (multi-host): the global batch of a step
+    depends on (data, buckets, seed, global batch, step) only, and process p of
+    P reads slice p of it. Every process draws the same bucket (one compiled
+    shape) at every step, 2 processes x 4 devices train on the same batches as
+    1 x 8, and a run resumes exactly on another process count. Process
+    index/count default to jax.process_index()/count().
 
 Output batches (per process, batch = global_batch / process_count) are dicts
 of numpy arrays: "image" float32 [B, h, w, 3] in [-1, 1] (NHWC), "caption"
@@ -42,8 +42,7 @@ marks padding), both captions, same shape per batch on every process.
 Precomputed records (the trainer's input; sd3jax.data.precompute writes them) get
 `make_precomputed_pipeline(source, *, global_batch, seed, p_synthetic=0.5, ...)`, on the
 same machinery (`TrainPlan`, `Pipeline`, `PipelineIterator`): buckets are the distinct
-latent shapes (a record index column, no resizing; a bucket with fewer examples than
-processes is an error, as latents cannot move to another shape) and
+latent shapes (a record index column, no resizing) and
 `_PrecomputedTransform` replaces `_ImageTextTransform`. Its batches follow the layout the
 trainer reads (sd3jax.data.synthetic): "latents" [B, h/8, w/8, C] float32, sampled here,
 on the host, from the stored posterior moments (z = mean + std * eps, eps from a generator
@@ -73,6 +72,9 @@ from sd3jax.models import vae as vae_lib
 # Aspect ratios (width / height) of the default bucket set.
 DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 4.0 / 3.0, 2.0)
 _STATE_VERSION = 1
+# Part of a training pipeline's fingerprint: how global batches are drawn. The process
+# layout is not (global batches do not depend on it), so a run resumes on another one.
+_SAMPLING = "global_batches"
 
 
 # ----------------------------------------------------------------------------
@@ -133,22 +135,21 @@ def _digest(bucket_ids: np.ndarray) -> str:
 
 
 class TrainPlan:
-  """Shuffled, epoch-based, bucketed plan of one process (see module docstring).
+  """Shuffled, epoch-based, bucketed plan (see module docstring).
 
-  Holds only this process's shard, so it stays small and cheap to send to
-  grain worker processes.
+  The global batch of every step is a function of (data, buckets, seed, global batch, step)
+  only; process p of P takes its slice p of it. So any process layout (1 x 8 devices or
+  2 x 4) trains on the same global batches, and a run can resume on another layout.
   """
 
   def __init__(self, bucket_ids: np.ndarray, buckets: Sequence[tuple[int, int]], *,
                global_batch: int, process_index: int, process_count: int, seed: int,
                shuffle: bool = True):
-    bucket_ids = np.asarray(bucket_ids, np.int64).copy()
+    bucket_ids = np.asarray(bucket_ids, np.int64)
     self.buckets = [tuple(int(v) for v in b) for b in buckets]
-    nb, n = len(self.buckets), len(bucket_ids)
-    if n < process_count:
-      raise ValueError(f"{n} examples cannot be shared by process_count={process_count}.")
-    self.assigned_counts = np.bincount(bucket_ids, minlength=nb)
-    self.merged = self._merge_small(bucket_ids, process_count)
+    nb = len(self.buckets)
+    if len(bucket_ids) == 0:
+      raise ValueError("The plan has no examples.")
     self.global_batch, self.per_process_batch = global_batch, global_batch // process_count
     self.process_index, self.process_count = process_index, process_count
     self.seed, self.shuffle = seed, shuffle
@@ -156,24 +157,9 @@ class TrainPlan:
     self.counts = np.bincount(bucket_ids, minlength=nb)
     self.batches_per_epoch = -(-self.counts // global_batch)  # ceil.
     self.steps_per_epoch = int(self.batches_per_epoch.sum())
-    self.members = _shard(bucket_ids, nb, process_index, process_count)
+    self.members = _shard(bucket_ids, nb, 0, 1)  # every process: all of each bucket
     self._schedule_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
-
-  def _merge_small(self, bucket_ids: np.ndarray, process_count: int) -> dict[int, int]:
-    """Moves buckets with 0 < count < process_count to the nearest bigger one."""
-    log_r = np.log([w / h for h, w in self.buckets])
-    merged = {}
-    while True:
-      counts = np.bincount(bucket_ids, minlength=len(self.buckets))
-      small = [b for b in range(len(self.buckets)) if 0 < counts[b] < process_count]
-      if not small:
-        return merged
-      b = min(small, key=lambda i: counts[i])
-      targets = [t for t in range(len(self.buckets)) if t != b and counts[t] > 0]
-      t = min(targets, key=lambda i: (abs(log_r[i] - log_r[b]), -counts[i]))
-      bucket_ids[bucket_ids == b] = t
-      merged[b] = t
 
   def schedule(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(bucket of each step, rank of the step among its bucket's steps)."""
@@ -195,8 +181,8 @@ class TrainPlan:
     perm = self._perm_cache.get((bucket, epoch))
     if perm is None:
       c = len(self.members[bucket])
-      perm = (np.random.default_rng([self.seed, 2, self.process_index, bucket, epoch])
-              .permutation(c) if self.shuffle else np.arange(c))
+      perm = (np.random.default_rng([self.seed, 2, bucket, epoch]).permutation(c)
+              if self.shuffle else np.arange(c))
       if len(self._perm_cache) > 4 * len(self.buckets):
         self._perm_cache.clear()
       self._perm_cache[(bucket, epoch)] = perm
@@ -206,36 +192,36 @@ class TrainPlan:
     epoch, t = divmod(int(step), self.steps_per_epoch)
     return int(self.schedule(epoch)[0][t])
 
-  def examples(self, step: int) -> dict[str, Any]:
-    """Source indices of this process's part of global step `step`."""
+  def global_examples(self, step: int) -> np.ndarray:
+    """Source indices of the whole global batch of `step`, in slot order."""
     epoch, t = divmod(int(step), self.steps_per_epoch)
     seq, rank = self.schedule(epoch)
     b = int(seq[t])
     members = self.members[b]
-    j = rank[t] * self.per_process_batch + np.arange(self.per_process_batch)
-    idx = members[self._perm(b, epoch)[j % len(members)]]
-    return {"indices": idx, "valid": np.ones(len(idx), bool), "bucket": b, "epoch": epoch}
+    # The bucket's last batch of an epoch is topped up from the start of its permutation.
+    j = rank[t] * self.global_batch + np.arange(self.global_batch)
+    return members[self._perm(b, epoch)[j % len(members)]]
 
-  def shard_indices(self) -> np.ndarray:
-    """All source indices owned by this process (sorted)."""
-    return np.sort(np.concatenate(self.members))
+  def examples(self, step: int) -> dict[str, Any]:
+    """Source indices of this process's slice of global step `step`."""
+    epoch, t = divmod(int(step), self.steps_per_epoch)
+    b = int(self.schedule(epoch)[0][t])
+    start = self.process_index * self.per_process_batch
+    idx = self.global_examples(step)[start:start + self.per_process_batch]
+    return {"indices": idx, "valid": np.ones(len(idx), bool), "bucket": b, "epoch": epoch}
 
   def stats(self) -> dict[str, Any]:
     """Bucket statistics (JSON-friendly); nothing is dropped, repeats counted."""
-    per_proc = _shard_sizes(self.counts, self.process_count)
-    drawn = self.batches_per_epoch * self.per_process_batch
+    drawn = self.batches_per_epoch * self.global_batch
     return {
         "buckets": [list(b) for b in self.buckets],
         "aspect_ratios": [round(w / h, 4) for h, w in self.buckets],
         "num_examples": int(self.counts.sum()),
         "examples_per_bucket": self.counts.tolist(),
-        "assigned_per_bucket_before_merge": self.assigned_counts.tolist(),
-        "merged_buckets": {str(k): int(v) for k, v in self.merged.items()},
-        "examples_per_bucket_per_process": per_proc.tolist(),
         "batches_per_epoch_per_bucket": self.batches_per_epoch.tolist(),
         "steps_per_epoch": self.steps_per_epoch,
-        # Draws beyond each process's shard per epoch, filled by repeats.
-        "repeats_per_epoch_per_process": (drawn[None, :] - per_proc).tolist(),
+        # Slots per epoch beyond each bucket's examples, filled by repeats of that epoch.
+        "repeats_per_epoch_per_bucket": (drawn - self.counts).tolist(),
         "dropped": 0,
     }
 
@@ -427,7 +413,7 @@ class PipelineIterator(grain.DatasetIterator):
 
   `set_state` restores to exactly the batch after the one last returned when
   `get_state` was called. A state from a different pipeline (other data,
-  seed, batch, buckets, processes) is refused.
+  seed, batch, buckets, sampling) is refused; another process layout is not.
   """
 
   def __init__(self, pipeline: "Pipeline", start_step: int = 0):
@@ -474,7 +460,7 @@ class PipelineIterator(grain.DatasetIterator):
     if state.get("fingerprint") != self._pipeline.fingerprint:
       raise ValueError(
           "Data iterator state comes from a different pipeline (data, seed, batch, buckets or "
-          f"process layout changed): {state.get('fingerprint')} != {self._pipeline.fingerprint}. "
+          f"sampling changed): {state.get('fingerprint')} != {self._pipeline.fingerprint}. "
           "To continue anyway from its step, use pipeline.iterator(start_step=state['next_step']).")
     self._close_inner()
     self._next_step = int(state["next_step"])
@@ -596,7 +582,7 @@ def make_image_text_pipeline(
                                   both_captions=False)
   config = {"kind": "image_text", "n": len(source), "global_batch": global_batch,
             "buckets": buckets, "seed": seed, "p_synthetic": p_synthetic, "crop": crop,
-            "shuffle": shuffle, "process_index": process_index, "process_count": process_count,
+            "shuffle": shuffle, "sampling": _SAMPLING,
             "num_epochs": num_epochs}
   pipe = Pipeline(source, plan, transform, process_index=process_index, workers=workers,
                   threads=threads, prefetch=prefetch, num_steps=num_steps, config=config)
@@ -759,12 +745,6 @@ def make_precomputed_pipeline(
   buckets = sorted({(int(h), int(w)) for h, w in latent_hw.tolist()})
   lookup = {b: i for i, b in enumerate(buckets)}
   bucket_ids = np.asarray([lookup[(int(h), int(w))] for h, w in latent_hw.tolist()], np.int64)
-  counts = np.bincount(bucket_ids, minlength=len(buckets))
-  small = [(buckets[b], int(c)) for b, c in enumerate(counts) if c < process_count]
-  if small:  # Latents cannot be resized into another bucket, as images can.
-    raise ValueError(f"Latent buckets {small} have fewer examples than process_count="
-                     f"{process_count}, so they cannot be shared out; precompute with fewer "
-                     "aspect-ratio buckets or more data.")
   plan = TrainPlan(bucket_ids, buckets, global_batch=global_batch, process_index=process_index,
                    process_count=process_count, seed=seed, shuffle=shuffle)
   num_steps = (2**62 if num_epochs is None else num_epochs * plan.steps_per_epoch)
@@ -774,8 +754,7 @@ def make_precomputed_pipeline(
                                     t5_shape=t5_shape)
   config = {"kind": "precomputed", "n": len(source), "global_batch": global_batch,
             "buckets": buckets, "seed": seed, "p_synthetic": p_synthetic, "shuffle": shuffle,
-            "process_index": process_index, "process_count": process_count,
-            "num_epochs": num_epochs, "producer_key": manifest.get("producer_key"),
+            "sampling": _SAMPLING, "num_epochs": num_epochs, "producer_key": manifest.get("producer_key"),
             "keys": list(keys) if keys is not None else None}
   pipe = Pipeline(source, plan, transform, process_index=process_index, workers=workers,
                   threads=threads, prefetch=prefetch, num_steps=num_steps, config=config)
@@ -790,9 +769,14 @@ def config_mismatches(config, producer: Mapping[str, Any]) -> list[str]:
   """Where a trainer config disagrees with the shapes of precomputed records."""
   s = producer.get("shapes", {})
   d, c = config.data, config.conditioning
-  size, factor = int(d.image_size), int(d.vae_factor)
+  from sd3jax import buckets as buckets_lib
+  factor = int(d.vae_factor)
+  want = sorted([list(b) for b in buckets_lib.pixel_buckets(config)])
+  found = s.get("buckets")
   checks = [
-      ("data.image_size", size, s.get("buckets"), [[size, size]]),
+      ("data.buckets" if d.get("buckets") else "data.image_size",
+       [tuple(b) for b in want] if d.get("buckets") else d.image_size,
+       sorted(found) if found else found, want),
       ("data.vae_factor", factor, s.get("vae_factor"), factor),
       ("model.in_channels", config.model.in_channels, s.get("latent_channels"),
        config.model.in_channels),
@@ -814,8 +798,9 @@ def make_train_iterator(config, *, process_index: int | None = None,
 
   Local batches of config.batch_size / process_count with TRAIN_KEYS only; seeded by
   config.seed; p(synthetic) from config.data.p_synthetic (default 0.5). The records must
-  match the config's shapes (one square bucket of data.image_size, latent channels, text
-  widths and lengths) and, when config.data.producer_key is set, that key.
+  match the config's shapes (config.data.buckets, else one square bucket of
+  data.image_size; latent channels, text widths and lengths) and, when
+  config.data.producer_key is set, that key.
   """
   d = config.data
   if not d.path:

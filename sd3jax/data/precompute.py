@@ -514,11 +514,23 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
     manifest = finalize(out_dir, plan, order, examples_per_shard,
                         extra={"global_batch": global_batch, "process_count": pc,
                                "mesh": dict(mesh.shape), "bucket_counts":
-                               np.bincount(bucket_ids, minlength=len(buckets)).tolist()})
+                               np.bincount(bucket_ids, minlength=len(buckets)).tolist(),
+                               "bucket_stats": _bucket_stats(source, sizes, bucket_ids,
+                                                             buckets)})
   if multihost:
     multihost_utils.sync_global_devices("sd3jax precompute: manifest written")
     manifest = records.read_manifest(out_dir)
   return result(manifest, manifest is not None, written, done, count, compiled)
+
+
+def _bucket_stats(source, sizes, bucket_ids, buckets) -> list[dict[str, Any]] | None:
+  """Counts and crop statistics per bucket (sd3jax.buckets.crop_stats); None when the image
+  sizes are unknown without decoding every image."""
+  from sd3jax import buckets as buckets_lib
+  if sizes is None and not hasattr(source, "image_sizes"):
+    return None
+  sizes = np.asarray(sizes if sizes is not None else source.image_sizes())
+  return buckets_lib.crop_stats(sizes, bucket_ids, buckets)
 
 
 def finalize(out_dir: str, plan: Mapping[str, Any], order: np.ndarray, examples_per_shard: int,
@@ -594,7 +606,6 @@ PRECOMPUTE_DEFAULTS = {
     "batch_size": 64,         # global, across processes
     "storage_dtype": "bfloat16",
     "examples_per_shard": 1000,
-    "aspect_ratios": (),      # () -> one square bucket of config.data.image_size
     "text_dtype": "float32",
     "vae_dtype": "float32",
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # over this process's devices
@@ -631,9 +642,8 @@ def precompute_main(config, workdir: str, announce: bool = True) -> int:
       t5_length=int(config.conditioning.t5_tokens), use_t5=bool(s["use_t5"]),
       t5_width=int(config.conditioning.t5_dim), mesh=mesh, rules=rules)
   vae = diffusers_vae.load_vae(s["vae"], dtype=jnp.dtype(s["vae_dtype"]))
-  size = int(config.data.image_size)
-  ratios = tuple(s["aspect_ratios"])
-  buckets = (pipeline_lib.make_buckets(size, ratios, multiple=16) if ratios else [(size, size)])
+  from sd3jax import buckets as buckets_lib
+  buckets = buckets_lib.pixel_buckets(config)  # config.data.buckets, else one square
   res = precompute(s["source"], workdir, vae, te, global_batch=int(s["batch_size"]),
                    max_bad_records=int(config.data.get("max_bad_records", 0)),
                    buckets=buckets, storage_dtype=s["storage_dtype"],

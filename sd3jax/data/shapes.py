@@ -107,6 +107,16 @@ def _rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Genera
   return np.random.default_rng([seed, SPLITS[split], index, stream])
 
 
+def example_size(seed: int, split: str, index: int,
+                 sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+  """The (height, width) example `index` is rendered at when a build mixes sizes: uniform
+  over `sizes`, from its own stream of (seed, split, index), so scenes do not change."""
+  if len(sizes) == 1:
+    return tuple(int(v) for v in sizes[0])
+  h, w = sizes[int(_rng(seed, split, index, stream=2).integers(len(sizes)))]
+  return int(h), int(w)
+
+
 def sample_scene(seed: int, split: str, index: int) -> dict[str, Any]:
   """Samples a resolution-independent scene for (seed, split, index).
 

@@ -16,6 +16,11 @@ tensorflow-datasets 4.9 works without TensorFlow for this path:
 Examples are written in index order (`disable_shuffling`), so
 `load_shapes(...)[i]` is example i of the split, bit-identical to
 `shapes.make_example(i, split=..., seed=..., height=..., width=...)`.
+
+Multi-aspect builds (`sizes`, e.g. ((64, 64), (48, 80), (80, 48))) render example i at
+`shapes.example_size(seed, split, i, sizes)`: the same scenes, each at one of the sizes, for
+aspect-ratio bucketing. The config name lists the sizes ("r64x64-48x80-80x48_..."), so a
+source knows every example's size without decoding it (`ShapesSource.image_sizes`).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import contextlib
 import dataclasses
 import io
 import os
-from typing import Any
+import re
+from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
@@ -51,18 +57,34 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_train: int = 10_000
   num_val: int = 1_000
   seed: int = 0
+  sizes: tuple[tuple[int, int], ...] = ()  # several: each example at one (multi-aspect)
 
 
-def config_name(height: int, width: int, num_train: int, num_val: int, seed: int) -> str:
-  return f"r{height}x{width}_n{num_train}_v{num_val}_s{seed}"
+def config_name(height: int, width: int, num_train: int, num_val: int, seed: int,
+                sizes: Sequence[tuple[int, int]] = ()) -> str:
+  res = "-".join(f"{h}x{w}" for h, w in sizes) if len(sizes) > 1 else f"{height}x{width}"
+  return f"r{res}_n{num_train}_v{num_val}_s{seed}"
+
+
+def sizes_from_name(name: str) -> list[tuple[int, int]]:
+  """The image sizes a config name lists (one for a single-size build)."""
+  m = re.match(r"r([\dx-]+)_n", name)
+  if not m:
+    raise ValueError(f"{name!r} is not an {NAME} config name (r<H>x<W>[-<H>x<W>...]_n...).")
+  return [tuple(int(v) for v in hw.split("x")) for hw in m.group(1).split("-")]
 
 
 def make_config(resolution: int | tuple[int, int] = 64, num_train: int = 10_000,
-                num_val: int = 1_000, seed: int = 0) -> ShapesConfig:
-  h, w = _hw(resolution)
-  return ShapesConfig(name=config_name(h, w, num_train, num_val, seed), height=h, width=w,
-                      num_train=num_train, num_val=num_val, seed=seed,
-                      description=f"{h}x{w} shapes, {num_train} train / {num_val} "
+                num_val: int = 1_000, seed: int = 0,
+                sizes: Sequence[tuple[int, int]] = ()) -> ShapesConfig:
+  """`resolution` for one size; `sizes` (several (h, w)) for a multi-aspect build."""
+  sizes = tuple(_hw(s) for s in sizes)
+  h, w = sizes[0] if sizes else _hw(resolution)
+  sizes = sizes if len(sizes) > 1 else ()
+  what = " / ".join(f"{a}x{b}" for a, b in sizes) if sizes else f"{h}x{w}"
+  return ShapesConfig(name=config_name(h, w, num_train, num_val, seed, sizes), height=h,
+                      width=w, num_train=num_train, num_val=num_val, seed=seed, sizes=sizes,
+                      description=f"{what} shapes, {num_train} train / {num_val} "
                                   f"validation examples, seed {seed}.")
 
 
@@ -95,7 +117,8 @@ class Sd3jaxShapes(tfds.core.GeneratorBasedBuilder):
                     "short/long captions and ground-truth objects (sd3jax).",
         features=F.FeaturesDict({
             "index": F.Scalar(dtype=np.int64),
-            "image": F.Image(shape=(cfg.height, cfg.width, 3), encoding_format="png"),
+            "image": F.Image(shape=(None, None, 3) if cfg.sizes else (cfg.height, cfg.width, 3),
+                             encoding_format="png"),
             "caption_original": F.Text(),
             "caption_synthetic": F.Text(),
             "background": F.ClassLabel(names=list(shapes.BACKGROUNDS)),
@@ -121,7 +144,8 @@ class Sd3jaxShapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num: int):
     cfg = self.builder_config
     for i in range(num):
-      ex = shapes.make_example(i, split=split, seed=cfg.seed, height=cfg.height, width=cfg.width)
+      h, w = shapes.example_size(cfg.seed, split, i, cfg.sizes or [(cfg.height, cfg.width)])
+      ex = shapes.make_example(i, split=split, seed=cfg.seed, height=h, width=w)
       yield i, {
           "index": i,
           "image": shapes.encode_png(ex["image"]),  # PIL: no tf.image needed.
@@ -139,9 +163,10 @@ class Sd3jaxShapes(tfds.core.GeneratorBasedBuilder):
 
 
 def build_shapes(data_dir: str, resolution: int | tuple[int, int] = 64, num_train: int = 10_000,
-                 num_val: int = 1_000, seed: int = 0) -> str:
+                 num_val: int = 1_000, seed: int = 0,
+                 sizes: Sequence[tuple[int, int]] = ()) -> str:
   """Renders and writes the dataset (no-op if already built); returns its directory."""
-  config = make_config(resolution, num_train, num_val, seed)
+  config = make_config(resolution, num_train, num_val, seed, sizes)
   builder = Sd3jaxShapes(data_dir=data_dir, config=config)
   # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded.
   with contextlib.redirect_stdout(io.StringIO()) as said:
@@ -150,6 +175,11 @@ def build_shapes(data_dir: str, resolution: int | tuple[int, int] = 64, num_trai
   if said.getvalue().strip():
     logging.info("TFDS: %s", said.getvalue().strip())
   return os.fspath(builder.data_dir)
+
+
+def dataset_dir(data_dir: str, config_name_: str) -> str:
+  """Where `build_shapes(data_dir, ...)` puts the build named `config_name_`."""
+  return os.path.join(data_dir, NAME, config_name_, str(Sd3jaxShapes.VERSION))
 
 
 def _find_dataset_dir(data_dir: str, config: str | None) -> str:
@@ -186,7 +216,9 @@ class ShapesSource:
     self._names = {k: feats["objects"].feature[k].names
                    for k in ("color", "shape", "size", "position")}
     self._backgrounds = feats["background"].names
-    self.height, self.width = feats["image"].shape[:2]
+    self.height, self.width = feats["image"].shape[:2]  # None, None: mixed sizes
+    self.seed = int(re.search(r"_s(\d+)$", builder.info.config_name).group(1))
+    self.sizes = sizes_from_name(builder.info.config_name)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -217,8 +249,11 @@ class ShapesSource:
     }
 
   def image_sizes(self) -> np.ndarray:
-    """int [N, 2] (height, width): all the same for shapes."""
-    return np.tile(np.asarray([[self.height, self.width]], np.int64), (len(self), 1))
+    """int [N, 2] (height, width) of every example, from the build's config (no decoding)."""
+    if len(self.sizes) == 1:
+      return np.tile(np.asarray(self.sizes, np.int64), (len(self), 1))
+    return np.asarray([shapes.example_size(self.seed, self.split, i, self.sizes)
+                       for i in range(len(self))], np.int64)
 
   def __repr__(self) -> str:
     return f"ShapesSource({self.dataset_dir!r}, split={self.split!r}, n={len(self)})"

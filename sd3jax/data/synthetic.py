@@ -24,11 +24,13 @@ from ml_collections import ConfigDict
 
 
 def batch_shapes(config: ConfigDict, batch_size: int) -> dict[str, tuple[int, ...]]:
-  """Shapes of one batch of `batch_size` examples."""
-  latent = config.data.image_size // config.data.vae_factor
+  """Shapes of one batch of `batch_size` examples (the first bucket of config.data.buckets,
+  else the square config.data.image_size)."""
+  from sd3jax import buckets
+  h, w = buckets.latent_buckets(config)[0]
   c = config.conditioning
   return {
-      "latents": (batch_size, latent, latent, config.model.in_channels),
+      "latents": (batch_size, h, w, config.model.in_channels),
       "clip_l": (batch_size, c.clip_tokens, c.clip_l_dim),
       "clip_l_pooled": (batch_size, c.clip_l_dim),
       "clip_g": (batch_size, c.clip_tokens, c.clip_g_dim),

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from sd3jax import buckets as buckets_lib
 from sd3jax import config as config_lib
 from sd3jax import parallel
 from sd3jax import sample as sample_lib
@@ -45,19 +46,30 @@ def prompt_following_enabled(config: ConfigDict) -> bool:
 
 
 def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline, progress: bool = False
-                ) -> tuple[list[dict[str, Any]], np.ndarray]:
+                ) -> tuple[list[dict[str, Any]], np.ndarray | list[np.ndarray]]:
   """(eval_prompt_specs, images of them) sampled with config.eval's steps / cfg / shift / seed.
 
   Standalone evaluation and the in-training eval both sample here, so their numbers agree.
+  With several aspect-ratio buckets (config.data.buckets), prompt i is sampled at bucket
+  i mod B, with that bucket's sampling shift: the eval costs what one size costs, and
+  `score_images` reports every bucket. `images` is then a list (sizes differ).
   """
   specs = eval_prompt_specs(config)
-  size = int(config.data.image_size)
+  sizes = buckets_lib.pixel_buckets(config)
   settings = sample_lib.run_sampling_settings(config)
-  images = sample_lib.generate(
-      pipe, [s["prompt"] for s in specs], height=size, width=size, steps=settings["steps"],
-      guidance_scale=settings["cfg"], shift=settings["shift"],
-      seed=int(config.eval.get("seed", 0)), progress=progress)
-  return specs, images
+  images: list[Any] = [None] * len(specs)
+  for b, (h, w) in enumerate(sizes):
+    which = list(range(b, len(specs), len(sizes)))
+    if not which:
+      continue
+    out = sample_lib.generate(
+        pipe, [specs[i]["prompt"] for i in which], height=h, width=w, steps=settings["steps"],
+        guidance_scale=settings["cfg"],
+        shift=buckets_lib.sample_shift(config, h, w, settings["shift"]),
+        seed=int(config.eval.get("seed", 0)), progress=progress)
+    for j, i in enumerate(which):
+      images[i] = out[j]
+  return specs, (np.stack(images) if len(sizes) == 1 else images)
 
 
 def score_images(config: ConfigDict, specs: Sequence[dict[str, Any]],
@@ -68,7 +80,17 @@ def score_images(config: ConfigDict, specs: Sequence[dict[str, Any]],
   size = int(config.data.image_size)
   out: dict[str, Any] = {f"shapes/{k}": v
                          for k, v in shapes_checker.score_images(images, specs).items()}
+  sizes = [tuple(np.shape(im)[:2]) for im in images]
+  if len(set(sizes)) > 1:  # one score per aspect-ratio bucket
+    for hw in sorted(set(sizes)):
+      which = [i for i, s in enumerate(sizes) if s == hw]
+      scores = shapes_checker.score_images([images[i] for i in which], [specs[i] for i in which])
+      out[f"shapes/{buckets_lib.name(*hw)}/overall"] = scores["overall"]
   fid_net, clip_net = features.networks_from_config(config.eval)
+  if fid_net is not None and len(set(sizes)) > 1:
+    logging.warning("config.eval.fid_network with several buckets: FID is not measured (its "
+                    "features need one image size).")
+    fid_net = None
   reference = None
   if fid_net is not None:
     reference = np.stack([shapes_checker.render_prompt(s, seed=i, height=size, width=size)[0]

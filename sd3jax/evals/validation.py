@@ -22,7 +22,9 @@ float64 numpy in example order, so no cross-device reduction order enters the nu
 (Tensor parallelism splits contractions and is not covered by that guarantee.)
 
 The held-out examples come from config.eval.path (precomputed records, original captions,
-no shuffling) or, for synthetic runs, from the synthetic source with seed + 1.
+no shuffling) or, for synthetic runs, from the synthetic source with seed + 1. Records of
+several aspect-ratio buckets are evaluated bucket by bucket (one program per latent shape)
+and also reported per bucket: val_loss/<H>x<W> (pixels).
 """
 from __future__ import annotations
 
@@ -69,8 +71,22 @@ def num_examples(config: ConfigDict) -> int:
   return n if n > 0 else int(_get(config.eval, "batches", 2)) * int(config.batch_size)
 
 
+def proportional_shares(counts: np.ndarray, n: int) -> list[int]:
+  """n split over buckets in proportion to `counts` (largest remainders), each <= its count."""
+  counts = np.asarray(counts, np.int64)
+  total = int(counts.sum())
+  if n >= total:
+    return counts.tolist()
+  exact = counts * n / total
+  share = np.floor(exact).astype(np.int64)
+  for b in np.argsort(-(exact - share), kind="stable")[:n - int(share.sum())]:
+    share[b] += 1
+  return share.tolist()
+
+
 def held_out_examples(config: ConfigDict) -> dict[str, np.ndarray]:
-  """The first num_examples held-out examples, full (every process holds all), float32."""
+  """num_examples held-out examples (each bucket its first ones, in proportion to its size),
+  full (every process holds all), float32; "latents" is a list when buckets differ."""
   n = num_examples(config)
   path = _get(config.eval, "path", "")
   if not path and config.data.source == "records":
@@ -87,18 +103,27 @@ def held_out_examples(config: ConfigDict) -> dict[str, np.ndarray]:
       raise pipeline_lib.PrecomputeMismatchError(
           f"Validation records {path} do not fit this config: {'; '.join(mismatches)}.")
     n = min(n, len(source))
-    # Batches of one: no remainder is dropped, so the first n records are all reached.
+    # Batches of one, in order: step `offset[b] + k` is the k-th record of bucket b. Each
+    # bucket gives its first records, in proportion to its size (one bucket: the first n).
     pipe = pipeline_lib.make_precomputed_pipeline(
         source, global_batch=1, seed=int(config.seed), p_synthetic=0.0, process_index=0,
         process_count=1, shuffle=False, num_epochs=1, keys=INPUT_KEYS + ("index",))
+    counts = pipe.plan.counts
+    offset = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    steps = np.concatenate([offset[b] + np.arange(k)
+                            for b, k in enumerate(proportional_shares(counts, n))])
     seen = {}
-    for b in pipe.iterator():
-      for j, index in enumerate(np.asarray(b["index"]).reshape(-1).tolist()):
-        seen.setdefault(int(index), {k: b[k][j] for k in INPUT_KEYS})
-      if len(seen) >= n:
-        break
-    order = sorted(seen)[:n]
-    return {k: np.stack([seen[i][k] for i in order]).astype(np.float32) for k in INPUT_KEYS}
+    for step in steps.tolist():
+      batch = pipe.batch(step)
+      seen[int(np.asarray(batch["index"]).reshape(-1)[0])] = {k: batch[k][0] for k in INPUT_KEYS}
+    order = sorted(seen)
+    out = {k: np.stack([seen[i][k] for i in order]).astype(np.float32)
+           for k in INPUT_KEYS if k != "latents"}
+    latents = [np.asarray(seen[i]["latents"], np.float32) for i in order]
+    # Several buckets: a list (latent shapes differ); else one array as before.
+    same = len({x.shape for x in latents}) == 1
+    out["latents"] = np.stack(latents) if same else latents
+    return out
   from sd3jax.data import synthetic
   it = synthetic.make_iterator(config, seed=int(config.seed) + 1)
   while have < n:
@@ -128,7 +153,11 @@ class ValidationLoss:
     self.seed = int(_get(config.eval, "seed", 0))
     self.examples = dict(held_out_examples(config) if examples is None else examples)
     self.n = len(self.examples["latents"])
-    self.noise = example_noise(self.seed, np.arange(self.n), self.examples["latents"].shape[1:])
+    # Groups of one latent shape (one per bucket), each evaluated with its own program.
+    shapes = [tuple(np.shape(x)) for x in self.examples["latents"]]
+    self.groups = {hw: np.asarray([i for i, s in enumerate(shapes) if s == hw])
+                   for hw in sorted(set(shapes))}
+    self.vae_factor = int(config.data.vae_factor)
     formulation = flow.get_formulation(config.flow.formulation)
     t5_width = int(config.model.joint_attention_dim)
 
@@ -160,27 +189,36 @@ class ValidationLoss:
   def per_example_losses(self, params: Any, dropped: bool = False) -> np.ndarray:
     """(num_t, n) float32 losses, example i in column i; `dropped`: every encoder zeroed."""
     chunk = self.per_device * self.shards
-    out = []
+    out = np.zeros((len(self.timesteps), self.n), np.float32)
     ts = jnp.asarray(self.timesteps)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      for start in range(0, self.n, chunk):
-        index = np.minimum(np.arange(start, start + chunk), self.n - 1)  # pad: repeat the last
-        real = int(min(chunk, self.n - start))
-        x0 = self._place(self.examples["latents"][index])
-        eps = self._place(self.noise[index])
-        emb = {k: self._place(v[index]) for k, v in self.examples.items() if k != "latents"}
-        losses = self._fn(params, x0, eps, emb, ts, bool(dropped))
-        out.append(np.asarray(_to_host(losses))[:, :real])
-    return np.concatenate(out, axis=1)
+      for shape, members in self.groups.items():
+        for start in range(0, len(members), chunk):
+          # Pad a short chunk by repeating the group's last example.
+          index = members[np.minimum(np.arange(start, start + chunk), len(members) - 1)]
+          real = int(min(chunk, len(members) - start))
+          x0 = np.stack([self.examples["latents"][i] for i in index])
+          eps = example_noise(self.seed, index, shape)
+          emb = {k: self._place(v[index]) for k, v in self.examples.items() if k != "latents"}
+          losses = self._fn(params, self._place(x0), self._place(eps), emb, ts, bool(dropped))
+          out[:, members[start:start + real]] = np.asarray(_to_host(losses))[:, :real]
+    return out
 
   def _mean(self, losses: np.ndarray) -> tuple[float, list[float]]:
     per_t = [float(np.add.reduce(row) / self.n) for row in losses.astype(np.float64)]
     return float(sum(per_t) / len(per_t)), per_t  # fixed order: example order
 
   def __call__(self, params: Any) -> dict[str, Any]:
-    val, per_t = self._mean(self.per_example_losses(params))
+    losses = self.per_example_losses(params)
+    val, per_t = self._mean(losses)
     out = {"val_loss": val, "per_t": {t_key(t): v for t, v in zip(self.timesteps, per_t)},
            "n": self.n}
+    if len(self.groups) > 1:
+      f = self.vae_factor
+      out["per_bucket"] = {
+          f"{h * f}x{w * f}": float(np.mean(np.add.reduce(
+              losses[:, members].astype(np.float64), axis=1) / len(members)))
+          for (h, w, *_), members in self.groups.items()}
     if self.gap:
       dropped, dropped_t = self._mean(self.per_example_losses(params, dropped=True))
       out.update(val_loss_dropped=dropped, cond_gap=dropped - val,
@@ -202,6 +240,7 @@ def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:
   """{"val_loss", "val_loss_t<t>", and cond_gap* when measured}: the flat form for
   metrics.jsonl / TensorBoard."""
   out = {"val_loss": float(result["val_loss"])}
+  out.update({f"val_loss/{k}": float(v) for k, v in result.get("per_bucket", {}).items()})
   out.update({f"val_loss_t{k}": float(v) for k, v in result["per_t"].items()})
   for key in ("val_loss_dropped", "cond_gap", "cond_gap_rel"):
     if key in result:
