@@ -151,14 +151,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   # Data: the same stream for every depth.
   c.data = ConfigDict(dict(source=a["data"], path=a["path"], image_size=a["image_size"],
-                           vae_factor=8, synthetic_period=0))
+                           buckets=(), vae_factor=8, synthetic_period=0))
   c.conditioning = ConfigDict(dict(clip_l_dim=clip_l, clip_g_dim=clip_g, t5_dim=t5,
                                    clip_tokens=clip_tokens, t5_tokens=t5_tokens,
                                    drop_prob=0.464))
 
   # Objective: rectified flow, logit-normal(0, 1) timesteps, no shift at these sizes.
   c.flow = ConfigDict(dict(formulation="rf", density="logit_normal", logit_mean=0.0,
-                           logit_std=1.0, mode_scale=1.29, shift=1.0))
+                           logit_std=1.0, mode_scale=1.29, shift=1.0, shift_rule="fixed"))
 
   # Optimisation: AdamW, constant learning rate after warmup, clipping at norm 1.
   c.optimizer = ConfigDict(dict(learning_rate=a["lr"], b1=0.9, b2=0.999, eps=1e-8,

@@ -9,8 +9,13 @@
 (On a pod every worker runs the same command: launch/tpu_pod.sh run ...)
 
 The two stages of Esser et al. 2024 (Sec. 5.3): pretraining at 256^2 (shift 1), then
-1024^2 with the resolution-dependent shift 3.0 (training and sampling), initialised from the
-256^2 weights. Data: `job.data` is an image_text records folder (sd3jax.data.ingest); the
+1024^2 on mixed aspect ratios, initialised from the 256^2 weights (init_from). The 1024 stage
+has three buckets of about a megapixel, 1024x1024, 832x1216 and 1216x832 (every global
+batch from one bucket; one compiled step per bucket, all before step 1), and the
+resolution-dependent shift: 3.0 at 1024^2 (the paper's choice), 3.0 x sqrt(h w) / 1024 per
+bucket (2.96 at 832x1216), in training and sampling. More buckets: list them in
+data.buckets; precompute encodes each image at its nearest-aspect bucket, so precompute
+and train must list the same set (a mismatch is refused). Data: `job.data` is an image_text records folder (sd3jax.data.ingest); the
 precompute stage encodes it with the released VAE and text encoders (the diffusers folders
 in precompute.vae / precompute.text_encoders; the vae and encoders stages are then skipped).
 To train on an existing precomputed set instead: `sd3jax train` with
@@ -25,9 +30,11 @@ with remat "full" uses 9.2 GiB per chip (without remat the temporaries need 122 
 """
 from ml_collections import ConfigDict
 
-STAGES = {  # image size, global batch, shift, steps
-    "256": dict(image_size=256, batch=4096, shift=1.0, steps=500_000),
-    "1024": dict(image_size=1024, batch=512, shift=3.0, steps=100_000),
+STAGES = {  # image size, aspect buckets (pixels), global batch, shift (rule), steps
+    "256": dict(image_size=256, buckets=(), batch=4096, shift=1.0, shift_rule="fixed",
+                steps=500_000),
+    "1024": dict(image_size=1024, buckets=((1024, 1024), (832, 1216), (1216, 832)), batch=512,
+                 shift=3.0, shift_rule="resolution", steps=100_000),
 }
 
 
@@ -60,7 +67,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192,
       sample_size=128, qk_norm="", dual_attention_layers=(), dtype="bfloat16",
       scan_layers=True, remat_policy="full", attention_impl="auto"))
-  c.data = ConfigDict(dict(source="records", path="", image_size=s["image_size"], vae_factor=8,
+  c.data = ConfigDict(dict(source="records", path="", image_size=s["image_size"],
+                           buckets=s["buckets"], vae_factor=8,
                            synthetic_period=0, p_synthetic=0.5, producer_key="",
                            workers=8, threads=16, prefetch=8))
   c.conditioning = ConfigDict(dict(clip_l_dim=768, clip_g_dim=1280, t5_dim=4096,
@@ -71,7 +79,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       vae_dtype="bfloat16", text_dtype="bfloat16",
       mesh={"data": 1, "fsdp": -1, "tensor": 1}))  # T5-XXL sharded over each host's chips
   c.flow = ConfigDict(dict(formulation="rf", density="logit_normal", logit_mean=0.0,
-                           logit_std=1.0, mode_scale=1.29, shift=s["shift"]))
+                           logit_std=1.0, mode_scale=1.29, shift=s["shift"],
+                           shift_rule=s["shift_rule"]))
   c.optimizer = ConfigDict(dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8,
                                 weight_decay=0.0, grad_clip_norm=1.0, max_nonfinite_steps=20))
   c.schedule = ConfigDict(dict(name="warmup_constant", warmup_steps=1000, decay_steps=0,

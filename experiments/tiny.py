@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   ))
 
   # Data: synthetic latents and per-encoder text embeddings of these shapes.
-  c.data = ConfigDict(dict(source="synthetic", path="", image_size=64, vae_factor=8,
+  c.data = ConfigDict(dict(source="synthetic", path="", image_size=64, buckets=(), vae_factor=8,
                            synthetic_period=0, p_synthetic=0.5, producer_key="",
                            workers=0, threads=2, prefetch=4))
   c.conditioning = ConfigDict(dict(
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   # Objective: rectified flow, logit-normal(0, 1) timesteps, no resolution shift.
   c.flow = ConfigDict(dict(formulation="rf", density="logit_normal", logit_mean=0.0,
-                           logit_std=1.0, mode_scale=1.29, shift=1.0))
+                           logit_std=1.0, mode_scale=1.29, shift=1.0, shift_rule="fixed"))
 
   # Optimisation: AdamW, clipped at global norm 1, warmup then constant; EMA of the weights.
   c.optimizer = ConfigDict(dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8,

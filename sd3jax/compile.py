@@ -21,6 +21,11 @@ with both estimates, and the one config line to run. Rows are ranked by libtpu's
 where it reports one: it is the compiler's own estimate of its fused program, while the
 roofline takes XLA's per-op bytes (every operand and result, as if nothing were fused) and
 so is pessimistic for memory-bound programs.
+
+With aspect-ratio buckets (config.data.buckets), every bucket is its own program: the
+largest (most pixels) is compiled and reported first, then the others with the same
+settings, and the verdict says whether the whole set fits with that one microbatch count.
+`--search` plans on the largest bucket, then checks its best row on the other buckets.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from sd3jax import aot
+from sd3jax import buckets as buckets_lib
 from sd3jax import config as config_lib
 from sd3jax.console import say
 
@@ -43,9 +49,41 @@ GiB = aot.GiB
 REMAT_ORDER = ("none", "save_dots", "save_dots_no_batch", "full")  # lightest first
 
 
+def one_bucket(config: ConfigDict, bucket: tuple[int, int]) -> ConfigDict:
+  """`config` restricted to one pixel (h, w) bucket."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.data.buckets = (tuple(int(v) for v in bucket),)
+  return c
+
+
+def buckets_largest_first(config: ConfigDict) -> list[tuple[int, int]]:
+  sizes = buckets_lib.pixel_buckets(config)
+  big = buckets_lib.largest(sizes)
+  return [big] + [b for b in sizes if b != big]
+
+
 def compile_main(config: ConfigDict, topology: str, *, num_slices: int = 1,
                  hbm_fraction: float = 0.9, verbose: bool = True) -> dict[str, Any]:
-  """compile_report of the config's train step on `topology` (e.g. 'v5p:4x4x4'); prints it."""
+  """compile_report of the config's train step on `topology` (e.g. 'v5p:4x4x4'); prints it.
+
+  Several buckets: the largest bucket's report, with "buckets" (one row per bucket, largest
+  first) and "all_buckets_fit" added.
+  """
+  sizes = buckets_largest_first(config)
+  if len(sizes) > 1:
+    reports = []
+    for b in sizes:
+      if verbose:
+        say(f"bucket {buckets_lib.name(*b)} ({len(reports) + 1}/{len(sizes)}):")
+      reports.append(compile_main(one_bucket(config, b), topology, num_slices=num_slices,
+                                  hbm_fraction=hbm_fraction, verbose=verbose))
+    report = dict(reports[0])
+    report.update(buckets=[bucket_row(b, r) for b, r in zip(sizes, reports)],
+                  all_buckets_fit=all(r.get("fits") for r in reports))
+    if verbose:
+      print(format_buckets(report))
+    return report
   from sd3jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
   from sd3jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from sd3jax.models import mmdit  # pylint: disable=g-import-not-at-top
@@ -75,7 +113,7 @@ def compile_main(config: ConfigDict, topology: str, *, num_slices: int = 1,
                 scan_layers=model_cfg.scan_layers,
                 dtype=model_cfg.dtype, batch_size=config.batch_size,
                 microbatches=config.microbatches, params=mmdit.count_params(model_cfg),
-                latent=config_lib.latent_size(config))
+                latent="x".join(map(str, buckets_lib.latent_buckets(config)[0])))
   if verbose:
     print(format_compile(report))
   return report
@@ -87,6 +125,37 @@ def format_compile(r: dict[str, Any]) -> str:
           f"{r['params'] / 1e6:,.1f}M params, batch {r['batch_size']} "
           f"({r['microbatches']} microbatches), latent {r['latent']}, {r['dtype']}")
   return head + "\n" + aot.format_report(r)
+
+
+def _seconds(s: float) -> str:
+  return f"{s:,.1f} s" if s >= 10 else f"{s * 1e3:,.{0 if s >= 0.01 else 2}f} ms"
+
+
+def bucket_row(bucket: tuple[int, int], r: dict[str, Any]) -> dict[str, Any]:
+  keep = ("fits", "temp_bytes", "total_bytes", "step_seconds", "mfu", "cost_model_seconds",
+          "cost_model_mfu", "error", "compile_seconds")
+  return {"bucket": buckets_lib.name(*bucket), **{k: r[k] for k in keep if k in r}}
+
+
+def format_buckets(report: dict[str, Any]) -> str:
+  """One line per bucket and the verdict for the set."""
+  ms = _seconds
+  lines = ["", f"Buckets on {report['topology']}, {report['microbatches']} microbatches, "
+           f"remat {report['remat_policy']}, attention {report['attention_impl']}:",
+           "| bucket | fits | temps / total per chip | roofline step (MFU) | "
+           "libtpu cost model (MFU) |", "|---|---|---|---|---|"]
+  for row in report["buckets"]:
+    mem = (f"{row['temp_bytes'] / GiB:.2f} / {row['total_bytes'] / GiB:.2f} GiB"
+           if "total_bytes" in row else "-")
+    roof = f"{ms(row['step_seconds'])} ({row.get('mfu', 0):.0%})" if "step_seconds" in row else "-"
+    cost = (f"{ms(row['cost_model_seconds'])} ({row.get('cost_model_mfu', 0):.0%})"
+            if "cost_model_seconds" in row else "-")
+    lines.append(f"| {row['bucket']} | {'yes' if row.get('fits') else 'NO'} | {mem} | {roof} "
+                 f"| {cost} |")
+  lines.append("All buckets fit with these settings." if report["all_buckets_fit"] else
+               "Not every bucket fits: raise config.microbatches or use a heavier remat "
+               "policy (sd3jax compile --search).")
+  return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -138,9 +207,11 @@ def search(config: ConfigDict, topology: str, *, remats: Sequence[str] = REMAT_O
     raise config_lib.ConfigError(f"Unknown remat policies {bad}; choose from {REMAT_ORDER}.")
   remats = sorted(remats, key=REMAT_ORDER.index)
   tried: list[dict[str, Any]] = []
+  sizes = buckets_largest_first(config)
 
-  def compile_one(attn: str, remat: str, mb: int) -> dict[str, Any]:
-    c = copy.deepcopy(config)
+  def compile_one(attn: str, remat: str, mb: int,
+                  bucket: tuple[int, int] = sizes[0]) -> dict[str, Any]:
+    c = one_bucket(config, bucket)
     c.model.attention_impl, c.model.remat_policy, c.microbatches = attn, remat, mb
     t0 = time.perf_counter()
     r = (compile_fn or compile_main)(c, topology, num_slices=num_slices,
@@ -177,11 +248,19 @@ def search(config: ConfigDict, topology: str, *, remats: Sequence[str] = REMAT_O
   fitting = sorted((r for r in rows if r.get("fits")),
                    key=lambda r: (_estimate(r), r["microbatches"]))
   best = fitting[0] if fitting else None
+  others = []  # the best row's settings on the smaller buckets: the set runs with one setting
+  if best is not None and len(sizes) > 1:
+    if verbose:
+      say("Checking the other buckets with the best settings:")
+    others = [compile_one(best["attention_impl"], best["remat_policy"], best["microbatches"], b)
+              for b in sizes[1:]]
   command = (f"--config.model.attention_impl={best['attention_impl']} "
              f"--config.model.remat_policy={best['remat_policy']} "
              f"--config.microbatches={best['microbatches']}") if best else None
   result = {"rows": rows, "tried": tried, "best": best, "command": command,
-            "topology": topology, "options": options}
+            "topology": topology, "options": options,
+            "bucket": buckets_lib.name(*sizes[0]),
+            "other_buckets": [bucket_row(b, r) for b, r in zip(sizes[1:], others)]}
   if verbose:
     print(format_search(result))
   return result
@@ -204,7 +283,7 @@ def format_search(result: dict[str, Any]) -> str:
           "| libtpu cost model (MFU) |")
   lines = [f"Search on {result['topology']} (microbatch counts tried from {result['options']}; "
            f"{len(result['tried'])} compiles):", "", head, "|---|---|---|---|---|---|"]
-  ms = lambda s: f"{s:,.1f} s" if s >= 10 else f"{s * 1e3:,.{0 if s >= 0.01 else 2}f} ms"
+  ms = _seconds
   rows = sorted(result["rows"], key=lambda r: (not r.get("fits"), _estimate(r)))
   for r in rows:
     if not r.get("fits"):
@@ -228,4 +307,10 @@ def format_search(result: dict[str, Any]) -> str:
     basis = ("libtpu's cost model" if "cost_model_seconds" in result["best"]
              else "the roofline")
     lines.append(f"Fastest by {basis}; run it with:\n  {result['command']}")
+  if result.get("other_buckets"):
+    bad = [r["bucket"] for r in result["other_buckets"] if not r.get("fits")]
+    lines.append(f"Planned on the largest bucket, {result['bucket']}; with these settings "
+                 + (f"bucket(s) {', '.join(bad)} do NOT fit." if bad else
+                    f"the other buckets ({', '.join(r['bucket'] for r in result['other_buckets'])}) "
+                    "fit too."))
   return "\n".join(lines)

@@ -180,7 +180,17 @@ def _parse_like(text: str, like: Any) -> Any:
     raise ConfigError(f"Expected a boolean, got {text!r}.")
   if isinstance(like, (int, float)):
     return type(like)(float(text)) if isinstance(like, float) else int(text)
-  return json.loads(text)
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    if isinstance(like, (tuple, list)):  # Python literals too: ((64, 64), (48, 80))
+      import ast
+      try:
+        return ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        pass
+    raise ConfigError(f"Cannot read {text!r} as a {type(like).__name__} (JSON or a Python "
+                      "literal, e.g. [[1024, 1024], [832, 1216]]).") from None
 
 
 def all_keys(config: ConfigDict, prefix: str = "") -> list[str]:

@@ -196,6 +196,49 @@ def test_search_tiny_model_on_v5p():
   assert r["command"].startswith("--config.model.attention_impl=")
 
 
+def test_bucket_set_plans_on_the_largest_and_checks_the_rest():
+  """Buckets: the search compiles only the largest bucket, then the best row's settings on
+  the others; a bucket that needs more memory than the largest is reported as not fitting."""
+  from sd3jax import compile as compile_lib
+  config = _tiny_experiment()
+  config.batch_size = 64
+  with config.unlocked():
+    config.data.buckets = ((64, 64), (48, 80), (80, 48))
+  seen = []
+
+  def fake_compile(c, topology, **kw):
+    (h, w), = c.data.buckets
+    seen.append((h, w, c.microbatches))
+    total = (1 + 8 * h * w / 4096 / c.microbatches) * aot.GiB
+    if (h, w) == (80, 48):
+      total *= 1.5    # e.g. a layout XLA handles worse
+    return {"fits": total <= 4 * aot.GiB, "total_bytes": total, "temp_bytes": total / 2,
+            "step_seconds": 1.0 / c.microbatches ** 0.1}
+
+  r = compile_lib.search(config, "v5p:2x2x1", remats=("none",), attention=("xla",),
+                         compile_fn=fake_compile, verbose=False)
+  assert r["bucket"] == "64x64" and r["best"]["microbatches"] == 4
+  assert {(h, w) for h, w, _ in seen[:-2]} == {(64, 64)}      # planned on the largest
+  assert seen[-2:] == [(48, 80, 4), (80, 48, 4)]              # then the best row elsewhere
+  assert [(b["bucket"], b["fits"]) for b in r["other_buckets"]] == [("48x80", True),
+                                                                    ("80x48", False)]
+  assert "80x48 do NOT fit" in compile_lib.format_search(r)
+
+
+def test_compile_reports_every_bucket_largest_first():
+  """`sd3jax compile` with three buckets: three real compiles, the largest one's report."""
+  from sd3jax import compile as compile_lib
+  config = _tiny_experiment()
+  with config.unlocked():
+    config.data.buckets = ((48, 80), (64, 64), (80, 48))
+  r = compile_lib.compile_main(config, TOPOLOGY, verbose=False)
+  assert [b["bucket"] for b in r["buckets"]] == ["64x64", "48x80", "80x48"]
+  assert r["all_buckets_fit"] and r["latent"] == "8x8"
+  assert all(b["fits"] and b["step_seconds"] > 0 for b in r["buckets"])
+  text = compile_lib.format_buckets(r)
+  assert "| 48x80 | yes |" in text and "All buckets fit" in text
+
+
 def test_out_of_memory_message_is_read():
   from sd3jax import compile as compile_lib
   need = compile_lib._needed_bytes  # pylint: disable=protected-access
