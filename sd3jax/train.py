@@ -143,8 +143,8 @@ def make_data(config: ConfigDict) -> Iterator[dict[str, np.ndarray]]:
     return synthetic.make_iterator(config, process_index=jax.process_index(),
                                    process_count=jax.process_count())
   if config.data.source == "records":
-    from sd3jax.data import pipeline  # the grain pipeline over precomputed records
-    return pipeline.make_train_iterator(config)
+    from sd3jax.data import latent_pipeline  # the grain pipeline over precomputed records
+    return latent_pipeline.make_train_iterator(config)
   raise config_lib.ConfigError(f"config.data.source={config.data.source!r}; use 'synthetic' or "
                                "'records'.")
 

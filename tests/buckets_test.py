@@ -19,7 +19,7 @@ from sd3jax import conditioning
 from sd3jax import config as config_lib
 from sd3jax import embedded_encoders
 from sd3jax import train
-from sd3jax.data import pipeline as P
+from sd3jax.data import latent_pipeline as LP
 from sd3jax.data import precompute as pc
 from sd3jax.data import records, shapes, shapes_tfds
 
@@ -93,11 +93,11 @@ def test_bucket_config_errors_name_the_fix(data):
   with pytest.raises(config_lib.ConfigError, match="shift_rule"):
     config_lib.validate(bucket_config(data, flow__shift_rule="sqrt"), 8)
   # Records precomputed at other buckets than the config lists: refused, naming both.
-  with pytest.raises(P.PrecomputeMismatchError, match="data.buckets"):
-    P.make_train_iterator(bucket_config(data, data__buckets=[(32, 32), (16, 64)]),
+  with pytest.raises(LP.PrecomputeMismatchError, match="data.buckets"):
+    LP.make_train_iterator(bucket_config(data, data__buckets=[(32, 32), (16, 64)]),
                           process_index=0, process_count=1)
-  with pytest.raises(P.PrecomputeMismatchError, match="data.image_size"):
-    P.make_train_iterator(bucket_config(data, data__buckets=[]), process_index=0,
+  with pytest.raises(LP.PrecomputeMismatchError, match="data.image_size"):
+    LP.make_train_iterator(bucket_config(data, data__buckets=[]), process_index=0,
                           process_count=1)
 
 
@@ -167,7 +167,7 @@ def test_bucket_sequence_follows_the_data(data, straight):
   _, result = straight
   seen = step_buckets(result.history)
   assert sorted(seen) == list(range(1, 9))
-  pipe = P.make_precomputed_pipeline(data["train"], global_batch=BATCH, seed=0,
+  pipe = LP.make_precomputed_pipeline(data["train"], global_batch=BATCH, seed=0,
                                      process_index=0, process_count=1)
   names = {(h // 8, w // 8): buckets_lib.name(h, w) for h, w in SIZES}
   assert [seen[s] for s in range(1, 9)] == [names[pipe.buckets[pipe.bucket_of_step(s)]]

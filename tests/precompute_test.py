@@ -17,6 +17,7 @@ import pytest
 from sd3jax import conditioning
 from sd3jax import config as config_lib
 from sd3jax import embedded_encoders
+from sd3jax.data import latent_pipeline as LP
 from sd3jax.data import pipeline as P
 from sd3jax.data import precompute as pc
 from sd3jax.data import records, shapes, shapes_tfds, synthetic
@@ -227,7 +228,7 @@ def test_aspect_ratio_buckets_one_program_each_and_one_shape_per_batch(setup, tm
                 key=lambda x: buckets.index(x[1:]))
   assert got == want  # Bucket-major, source order within a bucket.
   assert all(("synthetic" in src[i]) == (src[i]["index"] % 3 == 0) for i in range(len(sizes)))
-  pipe = P.make_precomputed_pipeline(out, global_batch=2, seed=0, p_synthetic=1.0,
+  pipe = LP.make_precomputed_pipeline(out, global_batch=2, seed=0, p_synthetic=1.0,
                                      process_index=0, process_count=1)
   assert pipe.buckets == [(2, 4), (3, 3), (4, 2)]
   for step in range(pipe.steps_per_epoch):
@@ -278,7 +279,7 @@ def _train_config(path, **conditioning):
 
 def test_pipeline_batches_match_the_trainer_layout_and_resume(setup):
   config = _train_config(setup["ref"])
-  it = P.make_train_iterator(config, process_index=0, process_count=1)
+  it = LP.make_train_iterator(config, process_index=0, process_count=1)
   want = synthetic.batch_shapes(config, BATCH)
   want_batch = synthetic.make_iterator(config).batch(0)
   batches = [next(it) for _ in range(3)]
@@ -289,7 +290,7 @@ def test_pipeline_batches_match_the_trainer_layout_and_resume(setup):
   # Resume: a fresh iterator restored from the state continues with the very next batch.
   state = it.get_state()
   nxt = next(it)
-  it2 = P.make_train_iterator(config, process_index=0, process_count=1)
+  it2 = LP.make_train_iterator(config, process_index=0, process_count=1)
   it2.set_state(json.loads(json.dumps(state)))
   assert all(np.array_equal(nxt[k], v) for k, v in next(it2).items())
   # The trainer's own code takes these batches (sharding over 8 devices + conditioning).
@@ -304,7 +305,7 @@ def test_latents_sampled_from_moments_and_caption_choice(setup):
   src = records.RecordSource(setup["ref"])
   norm = src.manifest["producer"]["latent_normalization"]
   kw = dict(global_batch=BATCH, seed=5, process_index=0, process_count=1)
-  pipe = P.make_precomputed_pipeline(setup["ref"], p_synthetic=0.5, **kw)
+  pipe = LP.make_precomputed_pipeline(setup["ref"], p_synthetic=0.5, **kw)
   b = pipe.batch(0)
   for j in range(BATCH):
     i, e = int(b["index"][j]), int(b["epoch"][j])
@@ -324,7 +325,7 @@ def test_latents_sampled_from_moments_and_caption_choice(setup):
   again = {int(i): l for x in later for i, l in zip(x["index"], x["latents"])}
   assert all(not np.array_equal(first[i], again[i]) for i in first)
   for p, flag in ((0.0, False), (1.0, True)):
-    x = P.make_precomputed_pipeline(setup["ref"], p_synthetic=p, **kw).batch(1)
+    x = LP.make_precomputed_pipeline(setup["ref"], p_synthetic=p, **kw).batch(1)
     assert (x["caption_is_synthetic"] == flag).all()
     for j, i in enumerate(x["index"]):
       want = src[int(i)]["synthetic" if flag else "original"]["clip_l_pooled"]
@@ -335,21 +336,21 @@ def test_latents_sampled_from_moments_and_caption_choice(setup):
 
 def test_mismatched_producer_or_config_is_a_clear_error(setup):
   kw = dict(global_batch=BATCH, process_index=0, process_count=1)
-  with pytest.raises(P.PrecomputeMismatchError, match="producer_key"):
-    P.make_precomputed_pipeline(setup["ref"], producer_key="0123456789abcdef", **kw)
-  with pytest.raises(P.PrecomputeMismatchError, match="storage_dtype: \"float32\" != \"bfloat16\""):
-    P.make_precomputed_pipeline(setup["ref"], expected_producer={"storage_dtype": "float32"}, **kw)
+  with pytest.raises(LP.PrecomputeMismatchError, match="producer_key"):
+    LP.make_precomputed_pipeline(setup["ref"], producer_key="0123456789abcdef", **kw)
+  with pytest.raises(LP.PrecomputeMismatchError, match="storage_dtype: \"float32\" != \"bfloat16\""):
+    LP.make_precomputed_pipeline(setup["ref"], expected_producer={"storage_dtype": "float32"}, **kw)
   other = {"text_encoders": {"clip_l": {"files": ["another-weights-hash"]}}}
-  with pytest.raises(P.PrecomputeMismatchError, match="text_encoders.clip_l.files"):
-    P.make_precomputed_pipeline(setup["ref"], expected_producer=other, **kw)
-  with pytest.raises(P.PrecomputeMismatchError, match=r"config.conditioning.clip_l_dim=8"):
-    P.make_train_iterator(_train_config(setup["ref"], clip_l_dim=8), process_index=0,
+  with pytest.raises(LP.PrecomputeMismatchError, match="text_encoders.clip_l.files"):
+    LP.make_precomputed_pipeline(setup["ref"], expected_producer=other, **kw)
+  with pytest.raises(LP.PrecomputeMismatchError, match=r"config.conditioning.clip_l_dim=8"):
+    LP.make_train_iterator(_train_config(setup["ref"], clip_l_dim=8), process_index=0,
                           process_count=1)
   config = _train_config(setup["ref"])
   with config.data.unlocked():
     config.data.producer_key = "0123456789abcdef"
-  with pytest.raises(P.PrecomputeMismatchError, match="producer_key"):
-    P.make_train_iterator(config, process_index=0, process_count=1)
+  with pytest.raises(LP.PrecomputeMismatchError, match="producer_key"):
+    LP.make_train_iterator(config, process_index=0, process_count=1)
   # Writing into a folder made by another producer is refused before any work.
   with pytest.raises(pc.PrecomputeMismatchError, match="storage_dtype"):
     run(setup, setup["ref"], storage_dtype="float32")

@@ -8,5 +8,8 @@ worker processes and tools start fast):
   records      ArrayRecord + msgpack record sets with a manifest (raw and
                precomputed examples): RecordWriter, ShardWriter, RecordSource
   ingest       image folders / webdataset tars -> image_text records
-  pipeline     grain pipelines: make_image_text_pipeline, make_sequential_pipeline
+  pipeline     grain pipelines: make_image_text_pipeline, make_sequential_pipeline;
+               layout-invariant global batches, aspect-ratio buckets
+  latent_pipeline  the trainer's input: precomputed records -> batches
+               (make_precomputed_pipeline, make_train_iterator)
 """

@@ -5,7 +5,7 @@
 SD3 trains on latents and text embeddings computed once (Esser et al. 2024, Sec. 5.1):
 the frozen VAE encoder and the three frozen text encoders would otherwise cost more than
 the MM-DiT step itself. This stage runs them over an image-text dataset and writes a
-`precomputed` record set (sd3jax.data.records) that `pipeline.make_precomputed_pipeline`
+`precomputed` record set (sd3jax.data.records) that `latent_pipeline.make_precomputed_pipeline`
 reads.
 
 What a record holds (one example; arrays in the storage dtype, bfloat16 or float32):
@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from sd3jax.data import latent_pipeline
 from sd3jax.data import pipeline as pipeline_lib
 from sd3jax.data.batch_encoder import BatchEncoder, local_mesh
 from sd3jax.data import records
@@ -75,7 +76,7 @@ STORAGE_DTYPES = ("bfloat16", "float32")
 COLUMNS = ("index", "latent_height", "latent_width")
 TEXT_KEYS = ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5")
 
-PrecomputeMismatchError = pipeline_lib.PrecomputeMismatchError
+PrecomputeMismatchError = latent_pipeline.PrecomputeMismatchError
 
 
 @dataclasses.dataclass
@@ -249,7 +250,7 @@ def _check_or_write_plan(out_dir: str, plan: dict[str, Any]) -> None:
     with open(path) as f:
       old = json.load(f)
     if old.get("producer_key") != plan["producer_key"]:
-      diffs = pipeline_lib.producer_differences(plan["producer"], old.get("producer", {}))
+      diffs = latent_pipeline.producer_differences(plan["producer"], old.get("producer", {}))
       raise PrecomputeMismatchError(
           f"{out_dir} holds precomputed records of a different producer ({name}: "
           f"{old.get('producer_key')} != {plan['producer_key']}); differences "

@@ -95,7 +95,7 @@ def held_out_examples(config: ConfigDict) -> dict[str, np.ndarray]:
                     "%s (fixed noise and t, but not a held-out split).", path)
   chunks, have = [], 0
   if path:
-    from sd3jax.data import pipeline as pipeline_lib
+    from sd3jax.data import latent_pipeline as pipeline_lib
     from sd3jax.data import records
     source = records.RecordSource(path, kind=records.KIND_PRECOMPUTED)
     mismatches = pipeline_lib.config_mismatches(config, source.manifest.get("producer", {}))
