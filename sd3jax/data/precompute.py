@@ -655,6 +655,13 @@ def precompute_main(config, workdir: str, announce: bool = True) -> int:
                "already done; producer_key %s.", res.examples_written, res.seconds,
                res.examples_per_sec, len(res.shards_written), len(res.shards_skipped),
                res.producer_key)
+  stats = (res.manifest or {}).get("precompute", {}).get("bucket_stats") or []
+  if len(stats) > 1:
+    logging.info("precompute buckets: %s", "; ".join(
+        f"{r['bucket']}: {r['count']} images" + (f", {r['cropped_mean']:.1%} of the area cropped "
+                                                 f"on average (max {r['cropped_max']:.1%}), "
+                                                 f"{r['upsampled']} upsampled"
+                                                 if r["count"] else "") for r in stats))
   if res.manifest is not None and announce:
     print(f"precomputed {res.manifest['num_examples']} examples into {workdir} "
           f"(producer_key {res.producer_key}); train with --config.data.source=records "
