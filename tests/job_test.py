@@ -108,10 +108,13 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   assert not re.search(r"^I\d{4} ", sampled.stderr, re.M), sampled.stderr[-3000:]
   verbose = subprocess.run(
       [sys.executable, "-m", "sd3jax.cli", "sample", "--workdir", str(workdir), "--prompt",
-       "a red circle", "--steps", "2", "--out", str(tmp_path / "v"), "-v"],
+       "a red circle", "--steps", "2", "--out", str(tmp_path / "v"), "-v", "--height", "48",
+       "--width", "80"],
       capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
   assert verbose.returncode == 0, verbose.stderr[-3000:]
   assert re.search(r"^I\d{4} ", verbose.stderr, re.M), verbose.stderr[-3000:]  # -v: INFO back
+  from PIL import Image  # --height / --width: any size the patch grid allows
+  assert Image.open(tmp_path / "v" / "0000_a_red_circle.png").size == (80, 48)
 
   # A third run does nothing; a changed setting is refused, naming the stage.
   again = subprocess.run(_cmd(workdir), capture_output=True, text=True, env=_env(), cwd=ROOT)
