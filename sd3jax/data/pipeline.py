@@ -167,7 +167,8 @@ class TrainPlan:
     perm = self._perm_cache.get((bucket, epoch))
     if perm is None:
       c = len(self.members[bucket])
-      perm = (np.random.default_rng([self.seed, 2, bucket, epoch]).permutation(c)
+      # The 0 stands where a process index was once: one-process orders stay as they were.
+      perm = (np.random.default_rng([self.seed, 2, 0, bucket, epoch]).permutation(c)
               if self.shuffle else np.arange(c))
       if len(self._perm_cache) > 4 * len(self.buckets):
         self._perm_cache.clear()
