@@ -8,21 +8,22 @@ iterator, FLOPs estimate, built-in evals, export at the end): "mmdit" (defined h
 "vae" (sd3jax.tasks). Everything else is one code path.
 
 Sections, in the order a step needs them: setup (config, mesh, model), data, state, step,
-checkpoint, eval hook, loop. Everything that decides the numbers (timestep density,
-formulation, text-encoder dropout, loss) lives in sd3jax.flow / sd3jax.conditioning;
-this file only wires them together and keeps the run honest:
+checkpoint, loop (the eval hooks are sd3jax.evals.hooks). Everything that decides the
+numbers (timestep density, formulation, text-encoder dropout, loss) lives in sd3jax.flow /
+sd3jax.conditioning; this file only wires them together and keeps the run honest:
 
 - the state is created in its shards (no full copy of the weights on one device);
 - one compiled step with donated state does forward, backward over microbatches
   (lax.scan), clipping, AdamW and EMA; a step with non-finite gradients changes nothing
   but its counters, and N of them in a row stop the run with a clear error;
+- with aspect-ratio buckets (config.data.buckets) there is one such step per bucket, all
+  compiled before step 1 (sd3jax.compiled_steps), each with its bucket's timestep shift;
 - the step's metrics are read from the device only after the next step is dispatched;
 - checkpoints hold the state *and* the data iterator position, so 3 + 3 steps equal 6.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -39,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from sd3jax import checkpoint as ckpt_lib
+from sd3jax import compiled_steps
 from sd3jax import conditioning
 from sd3jax import config as config_lib
 from sd3jax import console
@@ -369,72 +371,6 @@ def make_train_step(config: ConfigDict, task: Task, schedule: optim.Schedule):
   return train_step
 
 
-# Compiled steps of this process by (program, devices): a second train() of the same setup in
-# one process (a resume, `sd3jax run`, tests) skips XLA. Across processes, see
-# config.compilation_cache_dir.
-_COMPILED: dict[tuple, Any] = {}
-
-
-def compile_step(step_fn, state: TrainState, batch: Mapping[str, jax.Array], mesh: Mesh):
-  """Ahead-of-time compiles `step_fn` for these arguments (or reuses an identical program)."""
-  t0 = time.perf_counter()
-  lowered = step_fn.lower(state, batch)
-  key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(),
-         tuple(d.id for d in mesh.devices.flat))
-  if key in _COMPILED:
-    _COMPILED[key] = _COMPILED.pop(key)  # most recently used last
-  else:
-    while len(_COMPILED) >= 4:
-      _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = lowered.compile()
-    logging.info("Compiled the train step in %.1f s.", time.perf_counter() - t0)
-  return _COMPILED[key]
-
-
-def bucket_specs(batch: Mapping[str, jax.Array], task: Task) -> list[dict[str, Any]]:
-  """Abstract global batches, one per bucket: `batch` (one global batch, any bucket) with
-  batch[task.spatial_key]'s dims 1-2 set to the bucket's; [batch's own] without buckets."""
-  spec = lambda v, shape: jax.ShapeDtypeStruct(shape, v.dtype, sharding=v.sharding)
-  own = {k: spec(v, v.shape) for k, v in batch.items()}
-  if not task.buckets or task.spatial_key not in batch:
-    return [own]
-  x = batch[task.spatial_key]
-  return [{**own, task.spatial_key: spec(x, (x.shape[0], h, w, *x.shape[3:]))}
-          for h, w in task.buckets]
-
-
-def shapes_key(batch: Mapping[str, Any]) -> tuple:
-  return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
-
-
-def bucket_name(batch: Mapping[str, Any], task: Task) -> str:
-  """The log name of a batch's bucket ("" for a run with one shape)."""
-  if len(task.buckets) < 2 or task.spatial_key not in batch:
-    return ""
-  hw = tuple(batch[task.spatial_key].shape[1:3])
-  names = dict(zip(map(tuple, task.buckets), task.bucket_names or ()))
-  return names.get(hw, buckets_lib.name(*hw))
-
-
-def compile_buckets(step_fn, state: TrainState, batch: Mapping[str, jax.Array], task: Task,
-                    mesh: Mesh, step: int) -> tuple[dict[tuple, Any], list[dict[str, Any]]]:
-  """Compiles the step for every bucket (or loads it from the persistent compilation
-  cache) before training starts, so no step waits on a compile. Returns (batch shapes ->
-  executable, a record per compile: bucket, seconds, step)."""
-  compiled, log = {}, []
-  specs = bucket_specs(batch, task)
-  names = list(task.bucket_names) if len(specs) == len(task.bucket_names) else [""] * len(specs)
-  for name, spec in zip(names, specs):
-    t0 = time.perf_counter()
-    compiled[shapes_key(spec)] = compile_step(step_fn, state, spec, mesh)
-    log.append({"bucket": name or "all", "seconds": round(time.perf_counter() - t0, 2),
-                "step": step})
-    if len(specs) > 1:
-      console.say(f"Step for bucket {name} ({len(log)}/{len(specs)}) ready in "
-                  f"{log[-1]['seconds']:.1f} s.")
-  return compiled, log
-
-
 # =============================================================================================
 # Checkpoint
 # =============================================================================================
@@ -602,6 +538,8 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
         hist_log.clear()
         history.append({"step": done_step, **record})
 
+      name_of = lambda b: compiled_steps.bucket_name(b, task.buckets, task.bucket_names,
+                                                     task.spatial_key)
       speed.start(step)
       while step < config.total_steps:
         host_batch = dict(next(data))
@@ -616,26 +554,28 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
         batch = shard_batch(host_batch, mesh, batch_axes(rules))
         data_state = data.get_state() if hasattr(data, "get_state") else None
         if not compiled:  # before this invocation's first step: every bucket at once
-          compiled, compiles = compile_buckets(step_fn, state, batch, task, mesh, step)
+          compiled, compiles = compiled_steps.compile_buckets(
+              step_fn, state, batch, mesh, step, task.buckets, task.bucket_names,
+              task.spatial_key)
           if jax.process_index() == 0:
             with open(os.path.join(workdir, "compiles.jsonl"), "a") as f:
               f.writelines(json.dumps(c) + "\n" for c in compiles)
           speed.start(step)
-        shapes = shapes_key(batch)
+        shapes = compiled_steps.shapes_key(batch)
         if shapes not in compiled:  # a data source with a shape outside config.data.buckets
           logging.warning("Step %d: batch shapes %s are not one of the compiled buckets; "
                           "compiling now (list every shape in config.data.buckets).",
                           step + 1, shapes)
           t0 = time.perf_counter()
-          compiled[shapes] = compile_step(step_fn, state, batch, mesh)
-          compiles.append({"bucket": bucket_name(batch, task) or "unplanned",
+          compiled[shapes] = compiled_steps.compile_step(step_fn, state, batch, mesh)
+          compiles.append({"bucket": name_of(batch) or "unplanned",
                            "seconds": round(time.perf_counter() - t0, 2), "step": step})
           speed.start(step)
         state, metrics = compiled[shapes](state, batch)
         step += 1
         if pending is not None:
           handle(*pending)
-        pending = (step, metrics, bucket_name(batch, task))
+        pending = (step, metrics, name_of(batch))
 
         # -- eval hook ---------------------------------------------------------------------
         if eval_fns and config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
