@@ -12,4 +12,6 @@ worker processes and tools start fast):
                layout-invariant global batches, aspect-ratio buckets
   latent_pipeline  the trainer's input: precomputed records -> batches
                (make_precomputed_pipeline, make_train_iterator)
+  precompute   VAE moments + text embeddings -> precomputed records (sd3jax precompute);
+               producer: what identifies such a record set (make_producer, producer_key)
 """
