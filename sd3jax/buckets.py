@@ -80,7 +80,8 @@ def check(config: Any) -> list[str]:
     problems.append(f"config.flow.shift_rule={rule!r}; use one of {SHIFT_RULES}.")
   m, f = config.model, int(config.data.vae_factor)
   multiple = int(m.patch_size) * f
-  buckets = pixel_buckets(config)
+  # Listed buckets only: the implicit square one is data.image_size, which validate checks.
+  buckets = [tuple(int(v) for v in b) for b in (_get(config.data, "buckets", ()) or ())]
   if len(set(buckets)) != len(buckets):
     problems.append(f"config.data.buckets={buckets} lists a bucket twice.")
   for h, w in buckets:

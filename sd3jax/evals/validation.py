@@ -157,6 +157,10 @@ class ValidationLoss:
     shapes = [tuple(np.shape(x)) for x in self.examples["latents"]]
     self.groups = {hw: np.asarray([i for i, s in enumerate(shapes) if s == hw])
                    for hw in sorted(set(shapes))}
+    # Per group, once: its latents and its fixed noise (a function of (seed, example index)).
+    self.group_data = {hw: (np.stack([self.examples["latents"][i] for i in members]),
+                            example_noise(self.seed, members, hw))
+                       for hw, members in self.groups.items()}
     self.vae_factor = int(config.data.vae_factor)
     formulation = flow.get_formulation(config.flow.formulation)
     t5_width = int(config.model.joint_attention_dim)
@@ -193,14 +197,14 @@ class ValidationLoss:
     ts = jnp.asarray(self.timesteps)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for shape, members in self.groups.items():
+        latents, noise = self.group_data[shape]
         for start in range(0, len(members), chunk):
           # Pad a short chunk by repeating the group's last example.
-          index = members[np.minimum(np.arange(start, start + chunk), len(members) - 1)]
-          real = int(min(chunk, len(members) - start))
-          x0 = np.stack([self.examples["latents"][i] for i in index])
-          eps = example_noise(self.seed, index, shape)
+          local = np.minimum(np.arange(start, start + chunk), len(members) - 1)
+          index, real = members[local], int(min(chunk, len(members) - start))
           emb = {k: self._place(v[index]) for k, v in self.examples.items() if k != "latents"}
-          losses = self._fn(params, self._place(x0), self._place(eps), emb, ts, bool(dropped))
+          losses = self._fn(params, self._place(latents[local]), self._place(noise[local]), emb,
+                            ts, bool(dropped))
           out[:, members[start:start + real]] = np.asarray(_to_host(losses))[:, :real]
     return out
 
