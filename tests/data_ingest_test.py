@@ -2,6 +2,8 @@
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import ml_dtypes
@@ -100,7 +102,10 @@ def test_folder_ingest_keeps_good_pairs_and_reports_bad(tmp_path):
   assert summary["num_skipped_by_reason"] == {"corrupt_image": 1, "missing_caption": 1}
   assert {e["name"] for e in summary["errors"]} == {"broken", "nocap"}
   assert "truncated" in next(e["detail"] for e in summary["errors"] if e["name"] == "broken")
-  assert summary["num_with_synthetic_caption"] == 3 and summary["num_shards"] == 3
+  # One shard per unit of examples_per_shard=2 names, bad ones included: 7 names, 4 shards
+  # (a, b | broken, c | nocap, sub/d | sub/e), so any process split writes the same layout.
+  assert summary["num_with_synthetic_caption"] == 3 and summary["num_shards"] == 4
+  assert summary["complete"] and summary["num_units"] == 4 and summary["process_count"] == 1
   with open(os.path.join(out, I.SUMMARY_FILE)) as f:
     assert json.load(f) == summary
   src = _check_records(out, good, key_of=lambda n: n)
@@ -245,3 +250,141 @@ def test_captions_that_are_not_utf8_are_skipped_by_name_or_read_in_their_encodin
   assert summary["num_ok"] == 2
   src = R.RecordSource(str(tmp_path / "latin1"), kind=R.KIND_IMAGE_TEXT)
   assert sorted(src[i]["caption_original"] for i in range(len(src))) == ["a café", "a red circle"]
+
+
+# ----------------------------------------------------------------------------
+# Sharded ingest: processes, resume, refusals.
+# ----------------------------------------------------------------------------
+def _source(tmp_path, kind):
+  """The good and bad pairs as a nested folder, or as three tars (the last cut short)."""
+  good, bad = _dataset()
+  items = {**good, **bad}
+  if kind == "folder":
+    _write_folder(str(tmp_path / "in"), {("sub/" + k if k in "de" else k): v
+                                         for k, v in items.items()})
+    return str(tmp_path / "in")
+  os.makedirs(tmp_path / "in")
+  for i, names in enumerate(["a b broken".split(), "c nocap".split(), "d e".split()]):
+    _write_tar(str(tmp_path / "in" / f"{i:05d}.tar"), {n: items[n] for n in names})
+  path = str(tmp_path / "in" / "00002.tar")
+  with tarfile.open(path) as tar:
+    cut = [m for m in tar.getmembers() if m.name.startswith("e.")][0]
+  with open(path, "r+b") as f:
+    f.truncate(cut.offset_data + cut.size // 2)
+  return str(tmp_path / "in")
+
+
+def _all_records(out_dir):
+  src = R.RecordSource(out_dir, kind=R.KIND_IMAGE_TEXT)
+  return [src[i] for i in range(len(src))]
+
+
+def _same_set(a, b):
+  """Two ingests of one source: same records in order, same summary (but for timing and who
+  ran it), same shards."""
+  drop = ("out_dir", "seconds", "process_count")
+  with open(os.path.join(a, I.SUMMARY_FILE)) as fa, open(os.path.join(b, I.SUMMARY_FILE)) as fb:
+    sa, sb = json.load(fa), json.load(fb)
+  assert {k: v for k, v in sa.items() if k not in drop} == \
+      {k: v for k, v in sb.items() if k not in drop}
+  assert _all_records(a) == _all_records(b)
+  ma, mb = R.read_manifest(a), R.read_manifest(b)
+  for k in ("shards", "features", "producer", "ingest", "num_examples"):
+    assert ma[k] == mb[k], k
+
+
+@pytest.mark.parametrize("kind", ["folder", "webdataset"])
+def test_two_processes_write_what_one_process_writes(tmp_path, kind):
+  source = _source(tmp_path, kind)  # Folder: one name per unit, so some shards are empty.
+  one = I.ingest(source, str(tmp_path / "one"), examples_per_shard=1, progress=False)
+  two = str(tmp_path / "two")
+  first = I.ingest(source, two, examples_per_shard=1, progress=False,
+                   process_index=0, process_count=2)
+  # Process 1 has not run: process 0 reports its own units and publishes nothing.
+  mine = 4 if kind == "folder" else 2  # units 0, 2, ... of 7 names or 3 tars
+  assert not first["complete"] and first["num_units_done"] == first["num_shards"] == mine
+  assert not os.path.exists(os.path.join(two, R.MANIFEST))
+  assert not os.path.exists(os.path.join(two, I.SUMMARY_FILE))
+  second = I.ingest(source, two, examples_per_shard=1, progress=False,
+                    process_index=1, process_count=2)
+  assert second["complete"] and second["process_count"] == 2
+  assert second["num_shards"] == second["num_units"] == one["num_units"]
+  for key in ("num_ok", "num_skipped", "num_skipped_by_reason", "skipped", "errors",
+              "num_with_synthetic_caption"):
+    assert second[key] == one[key], key
+  # The cut tar loses e (missing_image) and reports its unreadable rest.
+  assert (one["num_ok"], one["num_skipped"]) == ((4, 4) if kind == "webdataset" else (5, 2))
+  _same_set(str(tmp_path / "one"), two)
+  # A late process of a multi-process run finds the set complete: its summary, no error.
+  assert I.ingest(source, two, examples_per_shard=1, progress=False,
+                  process_index=0, process_count=2) == second
+  with pytest.raises(FileExistsError, match="complete"):  # One process: a fresh ingest, refused.
+    I.ingest(source, two, examples_per_shard=1, progress=False)
+
+
+def test_interrupted_ingest_resumes_without_redoing_finished_units(tmp_path, monkeypatch):
+  source = _source(tmp_path, "folder")  # units: a b | broken c | nocap sub/d | sub/e
+  I.ingest(source, str(tmp_path / "fresh"), examples_per_shard=2, progress=False)
+  out = tmp_path / "out"
+  out.mkdir()
+  live = out / ".shard-00001.array_record.tmp-1-live"  # process 1's shard, being written
+  live.write_bytes(b"...")
+  I.ingest(source, str(out), examples_per_shard=2, progress=False,
+           process_index=0, process_count=2)
+  assert live.exists()  # Not process 0's to remove.
+  candidate = I._candidate
+
+  def dies_at_sub_e(name, *args):
+    if name == "sub/e":
+      raise RuntimeError("killed")
+    return candidate(name, *args)
+  monkeypatch.setattr(I, "_candidate", dies_at_sub_e)
+  with pytest.raises(RuntimeError, match="killed"):
+    I.ingest(source, str(out), examples_per_shard=2, progress=False,
+             process_index=1, process_count=2)
+  assert not live.exists()  # Process 1 cleared its own stale temporary.
+  assert sorted(os.listdir(out)) == sorted(
+      [I.PLAN_FILE] + [R.shard_name(u) + e for u in range(3) for e in ("", ".json")])
+  (out / ".shard-00003.array_record.tmp-2-dead").write_bytes(b"...")  # as a kill leaves it
+  mtimes = {p: os.stat(p).st_mtime_ns for p in R.completed_shards(str(out))}
+  seen = []
+  monkeypatch.setattr(I, "_candidate", lambda name, *a: seen.append(name) or candidate(name, *a))
+  summary = I.ingest(source, str(out), examples_per_shard=2, progress=False)  # now 1 process
+  assert summary["complete"] and seen == ["sub/e"]  # Only the unfinished unit is read.
+  assert {p: os.stat(p).st_mtime_ns for p in mtimes} == mtimes
+  assert not [n for n in os.listdir(out) if ".tmp-" in n]
+  _same_set(str(tmp_path / "fresh"), str(out))
+
+
+def test_rerun_with_other_arguments_or_into_other_records_is_refused(tmp_path):
+  source = _source(tmp_path, "folder")
+  out = str(tmp_path / "out")
+  I.ingest(source, out, examples_per_shard=2, progress=False, process_index=0, process_count=2)
+  with pytest.raises(I.IngestPlanError, match=r"\(its ingest_plan.json\): examples_per_shard 2 "
+                     r"there, 3 now; num_units 4 there, 3 now\. Use a new out_dir or the same "
+                     r"arguments\."):
+    I.ingest(source, out, examples_per_shard=3, progress=False, process_index=1, process_count=2)
+  with pytest.raises(I.IngestPlanError, match="caption_encoding None there, 'latin-1' now"):
+    I.ingest(source, out, examples_per_shard=2, progress=False, caption_encoding="latin-1")
+  (tmp_path / "in" / "new.txt").write_text("one more caption")  # moves the unit boundaries
+  with pytest.raises(I.IngestPlanError, match="names_sha256"):
+    I.ingest(source, out, examples_per_shard=2, progress=False, process_index=1, process_count=2)
+  other = str(tmp_path / "other")
+  R.write_records(other, [{"key": "k", "height": 1, "width": 1}], kind=R.KIND_IMAGE_TEXT)
+  with pytest.raises(FileExistsError, match="not from this ingest"):
+    I.ingest(source, other, progress=False)
+
+
+def test_two_concurrent_processes_write_what_one_process_writes(tmp_path):
+  """As two hosts would run it: `python -m sd3jax.data.ingest` twice at once, no coordinator."""
+  source = _source(tmp_path, "webdataset")
+  I.ingest(source, str(tmp_path / "one"), progress=False)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "sd3jax.data.ingest", source, str(tmp_path / "two"), "--no_progress",
+       "--process_index", str(i), "--process_count", "2"], cwd=root, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert sum('"complete": true' in out for out, _ in outs) >= 1  # The last one merged.
+  _same_set(str(tmp_path / "one"), str(tmp_path / "two"))

@@ -164,7 +164,7 @@ def _check_or_write_plan(out_dir: str, plan: dict[str, Any]) -> None:
           "delete this one to recompute.")
   path = os.path.join(out_dir, PLAN_FILE)
   if not os.path.exists(path):  # Every process writes the same bytes: races are harmless.
-    records._atomic_write_text(path, json.dumps(plan, indent=2, sort_keys=True))
+    records.atomic_write_text(path, json.dumps(plan, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------
@@ -271,6 +271,7 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
                buckets: Sequence[tuple[int, int]] | None = None,
                storage_dtype: str = "bfloat16", examples_per_shard: int = 1000,
                mesh: Mesh | None = None, rules: Any = None, split: str = "train",
+               filter: str = "",  # noqa: A002
                process_index: int | None = None, process_count: int | None = None,
                vae_fingerprint: str | None = None, max_shards: int | None = None,
                sizes: np.ndarray | None = None, progress: bool = True,
@@ -278,7 +279,8 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
   """Writes (or completes) the precomputed record set of `source` in `out_dir`.
 
   `source`: a random-access image-text source, or a path (records folder / shapes TFDS
-  dir, `split`). `vae` = (AutoencoderKL, params); `text_encoders` a TextEncoders. Give
+  dir, `split`; `filter`: a dedup filter folder whose dropped examples are left out).
+  `vae` = (AutoencoderKL, params); `text_encoders` a TextEncoders. Give
   `resolution` (one shape) or `buckets` (pixel (h, w), multiples of the VAE factor).
   Each process runs batches of global_batch / process_count on `mesh` (its own devices;
   default: one local device). `max_shards` stops after writing that many shards (a
@@ -291,7 +293,7 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
   """
   t_start = time.perf_counter()
   if isinstance(source, (str, os.PathLike)):
-    source = open_source(os.fspath(source), split)
+    source = open_source(os.fspath(source), split, filter)
   pi, pc = pipeline_lib._process_layout(process_index, process_count)
   pipeline_lib._check_batch(global_batch, pc)
   if storage_dtype not in STORAGE_DTYPES:
@@ -470,7 +472,7 @@ def finalize(out_dir: str, plan: Mapping[str, Any], order: np.ndarray, examples_
   if bad:
     logging.warning("precompute: %d bad source records were left out (listed in the manifest "
                     "under bad_records).", len(bad))
-  first = _first_record(next(records.shard_path(out_dir, s) for s in range(num_shards)
+  first = records.first_record(next(records.shard_path(out_dir, s) for s in range(num_shards)
                              if _sidecar_count(records.shard_path(out_dir, s))))
   features = records.feature_spec(first)
   if "synthetic" not in features:
@@ -485,15 +487,6 @@ def finalize(out_dir: str, plan: Mapping[str, Any], order: np.ndarray, examples_
 def _sidecar_count(path: str) -> int:
   with open(_sidecar(path)) as f:
     return int(json.load(f)["num_examples"])
-
-
-def _first_record(path: str) -> dict[str, Any]:
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return records.decode(reader.read([0])[0])
-  finally:
-    reader.close()
 
 
 def dir_size(path: str) -> int:
@@ -555,7 +548,7 @@ def precompute_main(config, workdir: str, announce: bool = True) -> int:
                    max_bad_records=int(config.data.get("max_bad_records", 0)),
                    buckets=buckets, storage_dtype=s["storage_dtype"],
                    examples_per_shard=int(s["examples_per_shard"]), mesh=mesh, rules=rules,
-                   split=s["split"],
+                   split=s["split"], filter=str(config.data.get("filter", "")),
                    vae_fingerprint=conditioning.folder_fingerprint(s["vae"]))
   logging.info("precompute: %d examples in %.1f s (%.1f examples/s); %d shards written, %d "
                "already done; producer_key %s.", res.examples_written, res.seconds,

@@ -14,7 +14,8 @@ name, shape and raw little-endian bytes). Nothing is pickled.
 
 Kinds of record sets (the manifest's "kind"):
 
-  image_text   raw examples, written by `ingest` (or exported from shapes):
+  image_text   raw examples, written by `ingest` (one shard per work unit; or
+               exported from shapes):
                {"key": str, "image": bytes (encoded, as found: JPEG/PNG/...),
                 "image_format": str, "height": int, "width": int,
                 "caption_original": str, "caption_synthetic": str ("" = none),
@@ -31,8 +32,10 @@ Crash safety: a shard is written under a hidden temporary name and renamed to
 its final name only after it is closed; a finished shard is therefore exactly
 a file with the final name, and a half-written one is never mistaken for it
 (`completed_shards`, `remove_incomplete`). Writers that work shard by shard
-(resumable precompute, one host per shard range) use `ShardWriter` +
-`shard_path` + `write_manifest`; single-stream writers use `RecordWriter`.
+(resumable, any number of processes: ingest, precompute) use `ShardWriter` +
+`shard_path` + `write_manifest`; `RecordWriter` / `write_records` is the
+one-process convenience on top of them for small sets written in one go (the
+shapes exports, tests): not resumable, it refuses a folder that holds records.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ KIND_IMAGE_TEXT = "image_text"
 KIND_PRECOMPUTED = "precomputed"
 DEFAULT_OPTIONS = "group_size:1"  # zstd:3 by default; group 1 for random access.
 _EXT_NDARRAY = 1
-_SHARD_RE = r"^{prefix}-(\d{{5}})\.array_record$"
+_SHARD_RE = r"^{prefix}-(\d{{5,}})\.array_record$"  # shard 100000 on: 6 digits
 
 
 # ----------------------------------------------------------------------------
@@ -129,14 +132,20 @@ def _sidecar(path: str) -> str:
   return path + ".json"
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def write_temp_text(path: str, text: str) -> str:
+  """Writes `text` (flushed to disk) next to `path` under a hidden temporary name; returns it."""
   tmp = os.path.join(os.path.dirname(path) or ".",
                      f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   with open(tmp, "w") as f:
     f.write(text)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, path)
+  return tmp
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """`path` holds `text` or its old content, never a part: write aside, then rename."""
+  os.replace(write_temp_text(path, text), path)
 
 
 class ShardWriter:
@@ -173,7 +182,7 @@ class ShardWriter:
   def close(self) -> int:
     """Finishes the shard: close, sidecar, then the rename that publishes it."""
     self._writer.close()
-    _atomic_write_text(_sidecar(self.path), json.dumps(
+    atomic_write_text(_sidecar(self.path), json.dumps(
         {"num_examples": self.count, "columns": self._columns, **self.sidecar_extra}))
     os.replace(self._tmp, self.path)
     return self.count
@@ -200,7 +209,8 @@ def completed_shards(out_dir: str, prefix: str = "shard") -> list[str]:
   if not os.path.isdir(out_dir):
     return []
   pattern = re.compile(_SHARD_RE.format(prefix=re.escape(prefix)))
-  return [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if pattern.match(n)]
+  found = [(int(m.group(1)), n) for n in os.listdir(out_dir) if (m := pattern.match(n))]
+  return [os.path.join(out_dir, n) for _, n in sorted(found)]  # By number: 99999 < 100000.
 
 
 def remove_incomplete(out_dir: str) -> list[str]:
@@ -218,6 +228,16 @@ def _num_records(path: str) -> int:
   reader = array_record_module.ArrayRecordReader(path)
   try:
     return int(reader.num_records())
+  finally:
+    reader.close()
+
+
+def first_record(path: str) -> dict[str, Any]:
+  """The first example of a finished shard (a record set's feature spec comes from it)."""
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return decode(reader.read([0])[0])
   finally:
     reader.close()
 
@@ -254,7 +274,7 @@ def write_manifest(out_dir: str, *, kind: str, features: Mapping[str, Any] | Non
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
       **dict(extra or {}),
   }
-  _atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2))
+  atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2))
   return manifest
 
 
