@@ -29,7 +29,9 @@ setup(
         # torch 2.13.0 is the CPU build on this machine's disk; other versions pull CUDA builds.
         # libtpu lets `sd3jax compile` build for a TPU topology on any machine; pinned to the
         # version jax 0.10.2 was built against.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "libtpu==0.0.42.1"],
+        # torchvision 0.28.0 pairs with torch 2.13.0; only its pure-Python model zoo is used.
+        "test": ["pytest", "torch==2.13.0", "torchvision==0.28.0", "diffusers",
+                 "libtpu==0.0.42.1"],
         "tpu": ["libtpu==0.0.42.1"],
     },
     entry_points={"console_scripts": ["sd3jax=sd3jax.cli:main"]},

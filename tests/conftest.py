@@ -12,6 +12,13 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# torchvision (test-only: the SSCD parity reference) must be imported through the detour in
+# torchvision_ref before transformers or diffusers probe it, or their torch models fail to
+# import next to a CPU-only torch (tests/torchvision_ref.py says why).
+import torchvision_ref  # noqa: E402
+
+torchvision_ref.import_torchvision()
+
 
 def pytest_configure(config):
   config.addinivalue_line(
