@@ -123,6 +123,30 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
                     flag_values=flag_values)
   flags.DEFINE_float("target-flops", None, "scaling: extrapolate the fit to this compute.",
                      flag_values=flag_values)
+  # ingest (sd3jax.data.ingest).
+  flags.DEFINE_integer("examples_per_shard", 1000, "ingest: a folder's names per unit (one "
+                       "shard each); tars are one unit each.", flag_values=flag_values)
+  flags.DEFINE_string("caption_encoding", None, "ingest: encoding of the .txt captions "
+                      "(default UTF-8; captions invalid in it are skipped).",
+                      flag_values=flag_values)
+  # dedup (sd3jax.dedup).
+  flags.DEFINE_string("descriptor", None, "dedup: a CopyNet folder (dedup train / demo), "
+                      "sscd:FILE, thumbnail, or FILE.py:factory.", flag_values=flag_values)
+  flags.DEFINE_float("threshold", None, "dedup: copy threshold, cosine similarity (default: "
+                     "the one measured for the descriptor).", flag_values=flag_values)
+  flags.DEFINE_string("source", None, "dedup cluster: the embedded source (for the keep rule "
+                      "and the pairs grid).", flag_values=flag_values)
+  flags.DEFINE_string("embeddings", None, "dedup memorisation: descriptors of the run's "
+                      "training images (default: embedded now, into RUN/memorisation).",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("storage_dtype", "float16", ["float16", "bfloat16", "float32"],
+                    "dedup embed: how descriptors are stored.", flag_values=flag_values)
+  flags.DEFINE_integer("part_size", 8192, "dedup embed: examples per part file (the unit of "
+                       "work, of ownership by process and of resuming).", flag_values=flag_values)
+  flags.DEFINE_integer("neighbours", 10, "dedup cluster: nearest neighbours searched per image.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("num", 64, "dedup memorisation: images generated from training "
+                       "captions.", flag_values=flag_values)
 
 
 def usage() -> str:
@@ -142,7 +166,7 @@ def command_help(name: str) -> str:
   config = "--config experiments/FILE.py[:ARG]" if c.needs_config else "[--config FILE]"
   workdir = "--workdir DIR" if c.needs_workdir else "[--workdir DIR]"
   lines = [f"usage: sd3jax {name} {config} {workdir} [flags]", "", c.help, "", "flags:"]
-  names = (("config", "workdir") if name != "scaling" else ()) + c.flags
+  names = (("config", "workdir") if name not in ("scaling", "ingest", "dedup") else ()) + c.flags
   for flag in dict.fromkeys(names):
     f = fv[flag]
     text = re.sub(r"^[a-z /]+: ", "", f.help.splitlines()[0].rstrip(";"))  # "sample: ..."
@@ -350,6 +374,89 @@ def _scaling(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
     print(f"sd3jax scaling: {e}", file=sys.stderr)
     return 2
   return 0
+
+
+@command("ingest", "Image folders / webdataset tars SOURCE... -> image_text records in "
+         "OUT_DIR; every process of a job writes its share, reruns resume.",
+         needs_workdir=False, needs_config=False,
+         flags=("examples_per_shard", "caption_encoding", "coordinator_address",
+                "num_processes", "process_id"),
+         examples=("sd3jax ingest /data/images /data/train_records",
+                   "sd3jax ingest /data/laion/ /data/train_records   # on every host of a "
+                   "SLURM / TPU job",
+                   "python3 -m sd3jax.data.ingest /data/laion/ /data/train_records "
+                   "--process_index 3 --process_count 8   # hosts without a coordinator"))
+def _ingest(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax.data import ingest
+  fv = flags.FLAGS
+  if len(args) < 2 or fv.examples_per_shard < 1:
+    raise config_lib.ConfigError("usage: sd3jax ingest SOURCE... OUT_DIR [--examples_per_shard "
+                                 "N >= 1] [--caption_encoding ENCODING].")
+  source = args[0] if len(args) == 2 else list(args[:-1])
+  # The process layout is JAX's when the launch started jax.distributed, else one process.
+  ingest.print_summary(ingest.ingest(source, args[-1], examples_per_shard=fv.examples_per_shard,
+                                     caption_encoding=fv.caption_encoding))
+  return 0
+
+
+@command("dedup", "Near-duplicate removal and memorisation checks with copy-detection "
+         "descriptors: embed, cluster, train, memorisation, demo.",
+         needs_workdir=False, needs_config=False,
+         flags=("descriptor", "threshold", "source", "storage_dtype", "part_size", "neighbours",
+                "workdir",
+                "embeddings", "num", "steps", "seed", "coordinator_address", "num_processes",
+                "process_id"),
+         examples=(
+             "sd3jax dedup demo /tmp/dedup_demo   # shapes + injected copies, scored (minutes)",
+             "sd3jax dedup train /data/train_records /data/copy_net   # a descriptor, no "
+             "downloads",
+             "sd3jax dedup embed /data/train_records /data/dedup --descriptor /data/copy_net",
+             "sd3jax dedup cluster /data/dedup/descriptors-XXXX /data/dedup/filter --source "
+             "/data/train_records",
+             "sd3jax dedup memorisation --workdir runs/shapes --descriptor /data/copy_net"))
+def _dedup(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  import json as json_lib
+  usage_text = ("usage: sd3jax dedup embed SOURCE OUT --descriptor D | cluster DESCRIPTORS OUT "
+                "[--source SOURCE] [--threshold T] | train SOURCE OUT | memorisation --workdir "
+                "RUN --descriptor D | demo OUT")
+  sub, rest = (args[0], list(args[1:])) if args else ("", [])
+  want = {"embed": 2, "cluster": 2, "train": 2, "memorisation": 0, "demo": 1}
+  if sub not in want or len(rest) != want[sub]:
+    raise config_lib.ConfigError(usage_text)
+  result = _dedup_run(sub, rest, config, workdir, flags.FLAGS)
+  print(json_lib.dumps(result, indent=2))
+  return 0
+
+
+def _dedup_run(sub: str, rest: list[str], config, workdir, fv) -> dict:
+  from sd3jax.data.producer import open_source
+  from sd3jax.dedup import descriptors as descriptors_lib
+  if sub == "embed":
+    from sd3jax.dedup import embed
+    result = embed.embed(open_source(rest[0]), rest[1],
+                         descriptors_lib.load_descriptor(fv.descriptor or ""),
+                         storage_dtype=fv.storage_dtype, part_size=fv.part_size)
+  elif sub == "cluster":
+    from sd3jax.dedup import cluster
+    result = cluster.cluster(rest[0], rest[1], threshold=fv.threshold, k=fv.neighbours,
+                             source=open_source(fv.source) if fv.source else None)
+  elif sub == "train":
+    from sd3jax.dedup import copy_net
+    result = copy_net.train_on_source(open_source(rest[0]), rest[1],
+                                      steps=fv.steps or 600, seed=fv.seed)
+  elif sub == "memorisation":
+    from sd3jax.dedup import memorisation
+    if not workdir:
+      raise config_lib.ConfigError("sd3jax dedup memorisation needs --workdir RUN.")
+    result = memorisation.memorisation(config, workdir, fv.descriptor or "", num=fv.num,
+                                       threshold=fv.threshold, seed=fv.seed,
+                                       embeddings=fv.embeddings)
+    result = {k: v for k, v in result.items() if k != "generations"}
+  else:
+    from sd3jax.dedup import demo
+    result = demo.run_demo(rest[0])
+    result = {k: v for k, v in result.items() if k not in ("curve", "validation_curve")}
+  return result
 
 
 # ---------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def defaults() -> ConfigDict:
       synthetic_period=0,      # synthetic batches repeat after this many (0: never)
       p_synthetic=0.5,         # records: probability of the synthetic caption
       producer_key="",         # records: required producer key of the precomputed set
+      filter="",               # a dedup filter folder (sd3jax dedup cluster): precompute and
+                               # image-text pipelines leave its duplicates out
       max_bad_records=0,       # records: unreadable records skipped (and counted) before a
                                # run stops on one; 0 stops at the first, naming its shard
       workers=0, threads=2, prefetch=4,  # records: grain worker processes / threads / buffer
@@ -232,7 +234,7 @@ def check_key_exists(config: ConfigDict, dotted: str) -> None:
 
 # Settings that name files or folders. A run stores them absolute, so that its config.json
 # means the same thing from any directory (`sd3jax sample --workdir RUN` from elsewhere).
-PATH_KEYS = ("data.path", "eval.path", "precompute.vae", "precompute.text_encoders",
+PATH_KEYS = ("data.path", "data.filter", "eval.path", "precompute.vae", "precompute.text_encoders",
              "precompute.source", "init_from", "compilation_cache_dir", "vae.perceptual_path",
              "job.data", "job.data_val")
 

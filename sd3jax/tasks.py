@@ -204,8 +204,8 @@ def image_sources(config: ConfigDict) -> tuple[Any, Any]:
     return (shapes_tfds.load_shapes(d.path, "train", name),
             shapes_tfds.load_shapes(d.path, "validation", name))
   if d.source == "records":
-    from sd3jax.data import records
-    source = records.RecordSource(d.path, kind=records.KIND_IMAGE_TEXT)
+    from sd3jax.data.producer import open_source
+    source = open_source(d.path, filter=d.get("filter", ""))  # dedup filter, if any
     n, held = len(source), int(config.vae.eval_examples)
     if n <= held:
       raise config_lib.ConfigError(f"config.data.path={d.path!r} has {n} records, not more "

@@ -23,22 +23,30 @@ STAGE = "sd3jax.precompute"
 RECORD_VERSION = 1
 
 
-def open_source(path: str, split: str = "train"):
-  """A records folder (image_text) or a built shapes TFDS dir -> random-access source."""
+def open_source(path: str, split: str = "train", filter: str = ""):  # noqa: A002
+  """A records folder (image_text) or a built shapes TFDS dir -> random-access source;
+  without the examples a dedup `filter` folder drops (sd3jax.dedup.filter) when given."""
   if os.path.exists(os.path.join(path, records.MANIFEST)):
-    return records.RecordSource(path, kind=records.KIND_IMAGE_TEXT)
-  from sd3jax.data import shapes_tfds
-  try:
-    return shapes_tfds.load_shapes(path, split)
-  except (FileNotFoundError, ValueError) as e:
-    raise FileNotFoundError(
-        f"{path!r} is neither an image_text record set (no {records.MANIFEST}) nor a built "
-        f"shapes dataset ({e}). Ingest the data (sd3jax.data.ingest) or build shapes "
-        "(shapes_tfds.build_shapes) first.") from e
+    source = records.RecordSource(path, kind=records.KIND_IMAGE_TEXT)
+  else:
+    from sd3jax.data import shapes_tfds
+    try:
+      source = shapes_tfds.load_shapes(path, split)
+    except (FileNotFoundError, ValueError) as e:
+      raise FileNotFoundError(
+          f"{path!r} is neither an image_text record set (no {records.MANIFEST}) nor a built "
+          f"shapes dataset ({e}). Ingest the data (sd3jax ingest) or build shapes "
+          "(shapes_tfds.build_shapes) first.") from e
+  if filter:
+    from sd3jax.dedup.filter import FilteredSource
+    source = FilteredSource(source, filter)
+  return source
 
 
 def source_identity(source) -> dict[str, Any]:
   """What identifies the data without reading it (paths excluded: data may move)."""
+  if hasattr(source, "identity"):  # a filtered source: the wrapped one's + the filter's hash
+    return source.identity()
   ident: dict[str, Any] = {"type": type(source).__name__, "num_examples": len(source)}
   if isinstance(source, records.RecordSource):
     m = source.manifest
