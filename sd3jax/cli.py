@@ -442,15 +442,14 @@ def _dedup_run(sub: str, rest: list[str], config, workdir, fv) -> dict:
                              source=open_source(fv.source) if fv.source else None)
   elif sub == "train":
     from sd3jax.dedup import copy_net
-    result = copy_net.train_on_source(open_source(rest[0]), rest[1],
-                                      steps=fv.steps or 600, seed=fv.seed)
+    result = copy_net.train_on_source(open_source(rest[0]), rest[1], seed=fv.seed)
   elif sub == "memorisation":
     from sd3jax.dedup import memorisation
     if not workdir:
       raise config_lib.ConfigError("sd3jax dedup memorisation needs --workdir RUN.")
     result = memorisation.memorisation(config, workdir, fv.descriptor or "", num=fv.num,
                                        threshold=fv.threshold, seed=fv.seed,
-                                       embeddings=fv.embeddings)
+                                       embeddings=fv.embeddings, steps=fv.steps)
     result = {k: v for k, v in result.items() if k != "generations"}
   else:
     from sd3jax.dedup import demo
