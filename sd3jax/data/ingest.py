@@ -38,7 +38,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 import tarfile
 import time
@@ -314,20 +313,6 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
   return int(process_index), int(process_count)
 
 
-_TEMP_RE = re.compile(r"^\.shard-(\d{5,})\.array_record(\.json)?\.tmp-")
-
-
-def _remove_stale(out_dir: str, units: Sequence[int]) -> list[str]:
-  """Deletes temporaries of half-written shards of `units`: only this process's, since
-  another process may be writing its own units right now (precompute does the same)."""
-  mine = set(units)
-  stale = [n for n in os.listdir(out_dir)
-           if (m := _TEMP_RE.match(n)) and int(m.group(1)) in mine]
-  for n in stale:
-    os.remove(os.path.join(out_dir, n))
-  return stale
-
-
 # ----------------------------------------------------------------------------
 # Writing one unit; merging the units' reports.
 # ----------------------------------------------------------------------------
@@ -481,7 +466,7 @@ def ingest(source: str | Sequence[str], out_dir: str, *, examples_per_shard: int
   _check_plan(out_dir, plan)
 
   mine = list(range(pi, len(units), pc))  # The rule of precompute.owned_shards.
-  _remove_stale(out_dir, mine)
+  records.remove_stale_shards(out_dir, mine)
   where = f" [process {pi}/{pc}]" if pc > 1 else ""
   bar = tqdm(desc=f"ingest {kind}{where}", unit="rec", disable=not progress)
   try:

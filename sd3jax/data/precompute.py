@@ -53,7 +53,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -132,19 +131,6 @@ def _shard_ok(path: str, indices: np.ndarray) -> bool:
 def _bad_records(path: str) -> list[dict[str, Any]]:
   with open(_sidecar(path)) as f:
     return json.load(f).get("bad_records", [])
-
-
-def _remove_stale(out_dir: str, shards: Sequence[int]) -> list[str]:
-  """Deletes temporary files of half-written shards of `shards` (others may be in flight)."""
-  mine = set(shards)
-  pattern = re.compile(r"^\.shard-(\d{5})\.array_record(\.json)?\.tmp-")
-  removed = []
-  for name in os.listdir(out_dir):
-    m = pattern.match(name)
-    if m and int(m.group(1)) in mine:
-      os.remove(os.path.join(out_dir, name))
-      removed.append(name)
-  return removed
 
 
 def _check_or_write_plan(out_dir: str, plan: dict[str, Any]) -> None:
@@ -345,7 +331,7 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
     return result(records.read_manifest(out_dir), True)
 
   mine = owned_shards(num_shards, pi, pc)
-  stale = _remove_stale(out_dir, mine)
+  stale = records.remove_stale_shards(out_dir, mine)
   if stale:
     logging.info("precompute: removed %d temporary files of interrupted shards.", len(stale))
   planned = {s: order[shard_slice(s, examples_per_shard, n)] for s in mine}

@@ -223,6 +223,20 @@ def remove_incomplete(out_dir: str) -> list[str]:
   return stale
 
 
+_TEMP_SHARD_RE = re.compile(r"^\.shard-(\d{5,})\.array_record(\.json)?\.tmp-")
+
+
+def remove_stale_shards(out_dir: str, shards: Sequence[int]) -> list[str]:
+  """Deletes temporaries of half-written shards in `shards` only: in a multi-process writer,
+  another process may be writing its own shards right now. Returns the names removed."""
+  mine = set(int(s) for s in shards)
+  stale = [n for n in os.listdir(out_dir)
+           if (m := _TEMP_SHARD_RE.match(n)) and int(m.group(1)) in mine]
+  for n in stale:
+    os.remove(os.path.join(out_dir, n))
+  return stale
+
+
 def _num_records(path: str) -> int:
   from array_record.python import array_record_module
   reader = array_record_module.ArrayRecordReader(path)
