@@ -153,6 +153,31 @@ def test_copy_net_trains_saves_loads_and_calibrates(tmp_path):
   assert descriptors.load_descriptor(str(tmp_path / "net")).fingerprint == desc.fingerprint
 
 
+def test_train_on_a_too_small_source_names_the_minimum(dup_records, tmp_path):
+  with pytest.raises(ValueError, match="at least 320"):
+    copy_net.train_on_source(open_source(dup_records), str(tmp_path / "net"), steps=1,
+                             progress=False)
+  assert not os.path.exists(tmp_path / "net")
+
+
+def test_factory_descriptor_embeds_on_the_host(dup_records, tmp_path):
+  """FILE.py:factory, as the FID hook takes one: any callable with size and dims."""
+  path = tmp_path / "mine.py"
+  path.write_text("import numpy as np\n\n\nclass Mean:\n  size, dims = 16, 3\n\n"
+                  "  def __call__(self, x):\n    m = x.mean((1, 2)) + 1e-3\n"
+                  "    return m / np.linalg.norm(m, axis=1, keepdims=True)\n\n\n"
+                  "def make():\n  return Mean()\n")
+  desc = descriptors.load_descriptor(f"{path}:make")
+  assert not desc.jittable and (desc.size, desc.dims) == (16, 3)
+  res = embed.embed(open_source(dup_records), str(tmp_path / "e"), desc, part_size=64,
+                    per_device_batch=4, progress=False)
+  x, manifest = embed.load_descriptors(res["path"])
+  assert x.shape == (108, 3) and manifest["descriptor"]["name"] == "factory:make"
+  (tmp_path / "bad.py").write_text("def make():\n  return 3\n")
+  with pytest.raises(ValueError, match="needs `size`, `dims`"):
+    descriptors.load_descriptor(f"{tmp_path / 'bad.py'}:make")
+
+
 def test_descriptor_spec_errors(tmp_path):
   with pytest.raises(ValueError, match="--descriptor DIR"):
     descriptors.load_descriptor("")

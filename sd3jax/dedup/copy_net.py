@@ -262,13 +262,14 @@ def train_on_source(source, out_dir: str, *, steps: int = 600, max_images: int =
   from sd3jax.dedup.descriptors import prepare
   rng = np.random.default_rng(seed)
   n = len(source)
+  calibration_images = min(calibration_images, n // 5)  # small sources: a fifth held out
   picks = rng.permutation(n)[:min(n, max_images + calibration_images)]
   images = np.stack([prepare(source[int(i)]["image"], config.size)
                      for i in tqdm(picks, desc="read images", disable=not progress)])
   held, train_images = images[:calibration_images], images[calibration_images:]
   if len(train_images) < 256:
-    raise DedupError(f"the source has {n} images; training a descriptor needs at least "
-                     f"{256 + calibration_images}.")
+    raise DedupError(f"the source has {n} images; training a descriptor needs at least 320 "
+                     "(256 to train on, a fifth held out to calibrate the threshold).")
   params, losses = train(train_images, config=config, steps=steps, seed=seed,
                          progress=progress)
   cal = calibrate(CopyNet(config), params, held, seed)
