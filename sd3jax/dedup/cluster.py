@@ -62,9 +62,12 @@ def neighbours(x: np.ndarray, k: int, *, batch: int = 16384, progress: bool = Tr
   ids = np.full((n, k), -1, np.int64)
   for lo in tqdm(range(0, n, batch), desc="dedup knn", unit="batch", disable=not progress):
     _, found = index.search(x[lo:lo + batch], kk)
-    for r, row in enumerate(found):
-      row = row[(row >= 0) & (row != lo + r)][:k]  # drop self (first, or tied with a copy)
-      ids[lo + r, :len(row)] = row
+    # Drop self (first, or anywhere among exact ties) and misses; keep the order of the rest.
+    bad = (found < 0) | (found == np.arange(lo, lo + len(found))[:, None])
+    order = np.argsort(bad, axis=1, kind="stable")
+    found = np.where(np.take_along_axis(bad, order, 1), -1, np.take_along_axis(found, order, 1))
+    ids[lo:lo + len(found)] = found[:, :k] if kk > k else np.pad(
+        found, ((0, 0), (0, k - kk)), constant_values=-1)
   searched = time.perf_counter()
   sims = np.where(ids >= 0, np.einsum("nd,nkd->nk", x, x[np.maximum(ids, 0)]), -np.inf)
   info.update(build_seconds=round(built - start, 3), search_seconds=round(searched - built, 3),

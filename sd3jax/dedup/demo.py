@@ -110,7 +110,7 @@ def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.0
   truth = shapes_duplicates.truth_groups(src)
   ids, sims, _ = cluster_lib.neighbours(x, 10, progress=False)
   curve = cluster_lib.pr_curve(ids, sims, truth, THRESHOLDS)
-  at = cluster_lib.pr_curve(ids, sims, truth, [threshold])[0]
+  at = next(r for r in curve if r["threshold"] == threshold)  # both from THRESHOLDS
   # What the filter does: every injected copy group should keep exactly one image.
   from sd3jax.dedup import filter as filter_lib
   _, drop = filter_lib.load_filter(os.path.join(out_dir, "filter"))

@@ -49,14 +49,10 @@ class Descriptor:
             "dims": self.dims, "threshold": self.threshold}
 
 
-def _hash_tree(tree: Any, prefix: str) -> str:
-  h = hashlib.sha256(prefix.encode())
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
-                           key=lambda kv: jax.tree_util.keystr(kv[0])):
-    arr = np.asarray(leaf)
-    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-  return h.hexdigest()
+def _fingerprint(params: Any, kind: str) -> str:
+  """sha256 of the descriptor's kind and settings with producer.params_fingerprint (weights)."""
+  from sd3jax.data.producer import params_fingerprint
+  return hashlib.sha256(f"{kind}|{params_fingerprint(params)}".encode()).hexdigest()
 
 
 def prepare(image: Any, size: int) -> np.ndarray:
@@ -90,7 +86,7 @@ def copy_net(path: str) -> Descriptor:
   model, params, meta = cn.load(path)
   size = model.config.size
   fn = lambda x: model.apply({"params": params}, x)  # noqa: E731
-  return Descriptor("copy_net", _hash_tree(params, f"copy_net|{meta['config']}"), size,
+  return Descriptor("copy_net", _fingerprint(params, f"copy_net|{meta['config']}"), size,
                     model.config.dims, fn, threshold=meta.get("threshold"))
 
 
@@ -99,7 +95,7 @@ def sscd(path: str, size: int = 320) -> Descriptor:
   from sd3jax.models import sscd as sscd_lib
   module, params = sscd_lib.load_sscd(path)
   fn = lambda x: module.apply({"params": params}, sscd_lib.preprocess(x, size))  # noqa: E731
-  return Descriptor("sscd", _hash_tree(params, f"sscd|{size}"), size,
+  return Descriptor("sscd", _fingerprint(params, f"sscd|{size}"), size,
                     int(module.config.dims), fn)
 
 

@@ -138,7 +138,6 @@ def embed(source, out_dir: str, descriptor: Descriptor, *, part_size: int = 8192
   _check_or_write_plan(path, plan)
   devices = list(devices if devices is not None else jax.local_devices())
   batch = per_device_batch * len(devices)
-  fn = descriptor.fn
   if descriptor.jittable:
     mesh = Mesh(np.asarray(devices), ("data",))
     sharding = NamedSharding(mesh, P("data"))
