@@ -94,23 +94,34 @@ def _word_level_tokenizer(vocab: list[str], template: str, special: Sequence[str
                                  truncation_side="right", **special_tokens)
 
 
-def clip_tokenizer(words: Sequence[str], pad_with_eos: bool = True, model_max_length: int = 77):
+def _added(words: Sequence[str], added_words: Sequence[str]) -> list[str]:
+  """added_words not already in words (lower-cased, each one tokenizer piece)."""
+  if not added_words:
+    return []
+  known = set(_clean_words(words))
+  return [w for w in _clean_words(added_words) if w not in known and w not in _PUNCTUATION]
+
+
+def clip_tokenizer(words: Sequence[str], pad_with_eos: bool = True, model_max_length: int = 77,
+                   added_words: Sequence[str] = ()):
   """Word-level CLIP-style tokenizer: <|startoftext|> words <|endoftext|>, padded to 77.
 
   CLIP-L's released tokenizer pads with <|endoftext|>, OpenCLIP bigG's with a token of id 0
-  ("!"); `pad_with_eos=False` gives the latter's behaviour with <pad> (id 0). EOS is the
-  largest id, so transformers' legacy (argmax) and current (first EOS) pooling agree.
+  ("!"); `pad_with_eos=False` gives the latter's behaviour with <pad> (id 0). The EOS id is
+  not 2, so pooling reads the first EOS (transformers' current rule). `added_words` take the
+  ids after every other token (see build_embedded_encoders).
   """
-  vocab = [PAD, UNK] + _clean_words(words) + [CLIP_BOS, CLIP_EOS]
+  vocab = [PAD, UNK] + _clean_words(words) + [CLIP_BOS, CLIP_EOS] + _added(words, added_words)
   return _word_level_tokenizer(
       vocab, f"{CLIP_BOS} $A:0 {CLIP_EOS}", (CLIP_BOS, CLIP_EOS), bos_token=CLIP_BOS,
       eos_token=CLIP_EOS, unk_token=UNK, pad_token=CLIP_EOS if pad_with_eos else PAD,
       model_max_length=model_max_length)
 
 
-def t5_tokenizer(words: Sequence[str], model_max_length: int = 512):
+def t5_tokenizer(words: Sequence[str], model_max_length: int = 512,
+                 added_words: Sequence[str] = ()):
   """Word-level T5-style tokenizer: words </s>, pad id 0, eos id 1, unk id 2 (as T5's)."""
-  vocab = [PAD, T5_EOS, UNK] + _clean_words(words)
+  vocab = [PAD, T5_EOS, UNK] + _clean_words(words) + _added(words, added_words)
   return _word_level_tokenizer(vocab, f"$A:0 {T5_EOS}", (T5_EOS,), eos_token=T5_EOS,
                                unk_token=UNK, pad_token=PAD, model_max_length=model_max_length)
 
@@ -175,11 +186,16 @@ def _t5_weights(rng: np.random.Generator, vocab: int, width: int, layers: int, h
 def build_embedded_encoders(folder: str, words: Sequence[str], seed: int = 0, *,
                             clip_l_width: int = 64, clip_g_width: int = 128,
                             t5_width: int = 256, num_layers: int = 2, num_heads: int = 4,
-                            t5_model_max_length: int = 512, clip_max_length: int = 77) -> str:
+                            t5_model_max_length: int = 512, clip_max_length: int = 77,
+                            added_words: Sequence[str] = ()) -> str:
   """Writes the three tiny random encoders + tokenizers into `folder`; returns `folder`.
 
   `clip_max_length` is the CLIP token length (77 as released; fewer for short captions
-  on a CPU: the MM-DiT's context is clip_max_length + the T5 length).
+  on a CPU: the MM-DiT's context is clip_max_length + the T5 length). `added_words` get the
+  ids after all others, as a tokenizer's added tokens: while the vocabulary stays within
+  its rounded-up size (a multiple of 128) the weights are the same as without them, so text
+  made of `words` encodes exactly as before (the editing model's verbs join the shapes
+  vocabulary this way without changing the main job).
 
   Deterministic in (words, seed, sizes): rebuilding gives identical files. Call it from
   one process (it writes files) and let the others wait for it.
@@ -195,9 +211,12 @@ def build_embedded_encoders(folder: str, words: Sequence[str], seed: int = 0, *,
   from transformers import CLIPTextConfig, T5Config  # Heavy; only needed to write configs.
 
   os.makedirs(folder, exist_ok=True)
-  toks = {"clip_l": clip_tokenizer(words, pad_with_eos=True, model_max_length=clip_max_length),
-          "clip_g": clip_tokenizer(words, pad_with_eos=False, model_max_length=clip_max_length),
-          "t5": t5_tokenizer(words, model_max_length=t5_model_max_length)}
+  toks = {"clip_l": clip_tokenizer(words, pad_with_eos=True, model_max_length=clip_max_length,
+                                   added_words=added_words),
+          "clip_g": clip_tokenizer(words, pad_with_eos=False, model_max_length=clip_max_length,
+                                   added_words=added_words),
+          "t5": t5_tokenizer(words, model_max_length=t5_model_max_length,
+                             added_words=added_words)}
   for key, tok in toks.items():
     tok_dir = os.path.join(folder, LAYOUT[key][1])
     tok.save_pretrained(tok_dir)

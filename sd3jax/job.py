@@ -189,12 +189,14 @@ def stage_data(config: ConfigDict, paths: Paths) -> dict[str, Any]:
 def stage_encoders(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   if config.precompute.text_encoders:
     return {"path": paths.encoders, "built": False}
-  from sd3jax.data import shapes
+  from sd3jax.data import shapes, shapes_edit
   from sd3jax.embedded_encoders import build_embedded_encoders
   e = config.job.encoders
+  # The edit instructions' verbs are added tokens: captions encode as without them.
   build_embedded_encoders(paths.encoders, list(shapes.VOCABULARY), seed=int(e.seed),
                           clip_l_width=int(e.clip_l_width), clip_g_width=int(e.clip_g_width),
-                          t5_width=int(e.t5_width), clip_max_length=int(e.clip_max_length))
+                          t5_width=int(e.t5_width), clip_max_length=int(e.clip_max_length),
+                          added_words=shapes_edit.INSTRUCTION_WORDS)
   return {"path": paths.encoders, "built": True}
 
 
