@@ -110,6 +110,15 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   flags.DEFINE_integer("step", None, "sample / evaluate / export: this checkpoint step "
                        "(default: the latest).", flag_values=flag_values)
   flags.DEFINE_bool("all_steps", False, "evaluate: every checkpoint.", flag_values=flag_values)
+  # edit (sd3jax.edit.sampling).
+  flags.DEFINE_multi_string("image", [], "edit: an image to edit (repeatable).",
+                            flag_values=flag_values)
+  flags.DEFINE_string("instruction", None, 'edit: what to change, e.g. "make the red circle '
+                      'blue".', flag_values=flag_values)
+  flags.DEFINE_float("image-cfg", None, "edit: image guidance scale (default: the run's, 1.5).",
+                     flag_values=flag_values)
+  flags.DEFINE_float("text-cfg", None, "edit: text guidance scale (default: the run's, 5).",
+                     flag_values=flag_values)
   # bench / compile / scaling (sd3jax.bench, sd3jax.compile, sd3jax.scaling).
   flags.DEFINE_bool("vs-diffusers", False, "bench: also time diffusers + torch AdamW, same run.",
                     flag_values=flag_values)
@@ -302,6 +311,25 @@ def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
       no_t5=fv.no_t5, use_ema=fv.ema, out=fv.out, pipeline=fv.pipeline, step=fv.step,
       height=fv.height, width=fv.width)
   print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+  return 0
+
+
+@command("edit", "Edit --image by --instruction with an editing run (experiments/"
+         "shapes_edit.py); PNGs of (input | result).", needs_config=False,
+         flags=("image", "instruction", "image-cfg", "text-cfg", "steps", "shift", "seed", "ema",
+                "step", "out"),
+         examples=('sd3jax edit --workdir runs/shapes --image in.png --instruction "make the red '
+                   'circle blue"',
+                   'sd3jax edit --workdir runs/shapes --image a.png --image b.png --instruction '
+                   '"remove the blue square" --image-cfg 1.5 --text-cfg 5 --out /tmp/edits'))
+def _edit(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
+  from sd3jax.edit import sampling
+  fv = flags.FLAGS
+  paths = sampling.edit_main(
+      config, workdir, fv.image, fv.instruction, image_cfg=fv["image-cfg"].value,
+      text_cfg=fv["text-cfg"].value, steps=fv.steps, shift=fv.shift, seed=fv.seed, out=fv.out,
+      use_ema=fv.ema, step=fv.step)
+  print(f"wrote {len(paths) - 1} edited images and {paths[-1]}")
   return 0
 
 

@@ -107,6 +107,22 @@ def drop_encoders(rng: jax.Array, embeddings: Mapping[str, jax.Array],
   return out
 
 
+def drop_edit_conditions(rng: jax.Array, context: jax.Array, pooled: jax.Array,
+                         image: jax.Array, p: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """InstructPix2Pix's condition dropout for an editing model: with probability p each, an
+  example loses its text only, its source image only, or both (zeros, as SD3 drops text).
+
+  Sampling then has the three predictions dual guidance combines: full, image only, none.
+  """
+  if not 0.0 <= 3 * p <= 1.0:
+    raise ValueError(f"drop_edit_conditions: p={p} must be in [0, 1/3] (three disjoint cases).")
+  u = jax.random.uniform(rng, (context.shape[0],))
+  no_text = (u < p) | ((u >= 2 * p) & (u < 3 * p))
+  no_image = (u >= p) & (u < 3 * p)
+  keep = lambda x, drop: jnp.where(drop.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x)
+  return keep(context, no_text), keep(pooled, no_text), keep(image, no_image)
+
+
 def folder_fingerprint(folder: str) -> str:
   """sha256 over every file of a model / tokenizer folder (names and contents)."""
   h = hashlib.sha256()

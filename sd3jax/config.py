@@ -38,6 +38,8 @@ def defaults() -> ConfigDict:
   c.microbatches = 1           # gradient accumulation: batch_size / microbatches per pass
   c.init_from = ""             # weights only, into a fresh run: an sd3jax workdir or step folder
   c.init_from_ema = True       # take the EMA weights from init_from when it has them
+  c.init_from_in_channels = 0  # init_from's model.in_channels when it differs (an editing
+                               # model from a text-to-image one: the new inputs start at 0)
   c.compilation_cache_dir = "" # persistent XLA cache: a restarted job skips compiling
 
   from sd3jax.models import mmdit
@@ -81,6 +83,8 @@ def defaults() -> ConfigDict:
       clip_l_dim=768, clip_g_dim=1280, t5_dim=4096,
       clip_tokens=77, t5_tokens=77,
       drop_prob=0.464,         # each encoder dropped (zeroed) independently in training
+      edit_drop_prob=0.05,     # editing models (records with a source image): text only,
+                               # image only and both dropped, each with this probability
   ))
   c.flow = ConfigDict(dict(
       formulation="rf",        # rf | eps_linear | v_cosine | edm
@@ -371,6 +375,14 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
                       f"width clip_l_dim + clip_g_dim = {clip} (SD3 pads CLIP to the T5 width).")
   if not 0.0 <= cond.drop_prob <= 1.0:
     raise ConfigError(f"config.conditioning.drop_prob={cond.drop_prob} must be in [0, 1].")
+  if not 0.0 <= cond.edit_drop_prob <= 1.0 / 3:
+    raise ConfigError(f"config.conditioning.edit_drop_prob={cond.edit_drop_prob} must be in "
+                      "[0, 1/3]: text only, image only and both are dropped with it each.")
+  widen = int(config.init_from_in_channels)
+  if widen and (not config.init_from or not 0 < widen <= m.in_channels):
+    raise ConfigError(f"config.init_from_in_channels={widen} needs config.init_from (a run "
+                      f"whose model.in_channels it is) and must be at most model.in_channels="
+                      f"{m.in_channels}; 0 means the same as model.in_channels.")
 
   if config.task not in ("mmdit", "vae"):
     raise ConfigError(f"config.task={config.task!r}; choose 'mmdit' or 'vae'.")

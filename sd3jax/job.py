@@ -71,11 +71,19 @@ def _lookup(config: ConfigDict, dotted: str) -> Any:
   return node.to_dict() if hasattr(node, "to_dict") else node
 
 
+def stages_of(config: ConfigDict) -> tuple[str, ...]:
+  """The job's stages: STAGES, then the editing ones when config.job has an `edit` section."""
+  from sd3jax.edit import stages as edit_stages
+  return STAGES + (edit_stages.STAGES if "edit" in config.job else ())
+
+
 def fingerprints(config: ConfigDict) -> dict[str, str]:
   """Stage -> sha256 of the settings it and every stage before it depend on."""
+  from sd3jax.edit import stages as edit_stages
+  depends = {**_DEPENDS, **edit_stages.DEPENDS}
   out, running = {}, hashlib.sha256()
-  for stage in STAGES:
-    for key in _DEPENDS[stage]:
+  for stage in stages_of(config):
+    for key in depends[stage]:
       running.update(json.dumps([key, _lookup(config, key)], sort_keys=True, default=str).encode())
     out[stage] = running.copy().hexdigest()[:16]
   return out
@@ -105,6 +113,11 @@ class Paths:
     self.eval = os.path.join(workdir, "eval.json")
     self.summary = os.path.join(workdir, "summary.json")
     self.time_to_quality = os.path.join(workdir, "time_to_quality.png")
+    # The editing stages (experiments/shapes_edit.py; sd3jax.edit.stages).
+    self.edit_data = os.path.join(workdir, "edit_data")
+    self.edit_records = os.path.join(self.records, "edit_train")
+    self.edit = os.path.join(workdir, "edit")
+    self.edit_eval = os.path.join(workdir, "edit_eval.json")
 
   def marker(self, stage: str) -> str:
     return os.path.join(self.job, f"{stage}.json")
@@ -342,6 +355,9 @@ def summary(paths: Paths, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
   out["grid"] = records.get("sample", {}).get("grid")
   out["time_to_quality"] = records.get("evaluate", {}).get("plot")
   out["eval"] = paths.eval
+  if "edit_evaluate" in records:
+    out["edit_eval"] = paths.edit_eval
+    out["edit_grid"] = records["edit_evaluate"].get("grid")
   return out
 
 
@@ -379,10 +395,23 @@ def print_summary(s: dict[str, Any]) -> None:
   print(f"  grid: {s.get('grid')}\n  scores: {s.get('eval')}")
   if s.get("time_to_quality"):
     print(f"  time to quality: {s['time_to_quality']}")
+  if s.get("edit_eval"):
+    from sd3jax.edit import stages as edit_stages
+    for line in edit_stages.summary_lines(s["edit_eval"]):
+      print("  " + line)
+    print(f"  edit grid: {s.get('edit_grid')}\n  edit scores: {s['edit_eval']}")
 
 
-def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] = STAGES) -> int:
-  """Runs (or finishes) the job in `workdir`; returns the exit code."""
+def _stage_fn(stage: str) -> Callable[[ConfigDict, Paths], dict[str, Any]]:
+  if stage in STAGE_FNS:
+    return STAGE_FNS[stage]
+  from sd3jax.edit import stages as edit_stages
+  return edit_stages.STAGE_FNS[stage]
+
+
+def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] | None = None) -> int:
+  """Runs (or finishes) the job in `workdir` (all its stages, or `stages`); returns the exit
+  code."""
   if "job" not in config:
     raise config_lib.ConfigError("sd3jax run needs an experiment with a `job` section, e.g. "
                                  "experiments/shapes.py; `sd3jax train` runs a single model.")
@@ -391,12 +420,13 @@ def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] = STAGES)
   paths = Paths(workdir, config)
   prints = fingerprints(config)
   records: dict[str, dict[str, Any]] = {}
-  for stage in stages:
+  for stage in stages or stages_of(config):
     done = _read_marker(paths, stage)
     if done is not None:
       if done.get("fingerprint") != prints[stage]:
         raise config_lib.ConfigError(
-            f"{workdir} finished stage {stage!r} with other settings ({_DEPENDS[stage]} or an "
+            f"{workdir} finished stage {stage!r} with other settings "
+            f"({_DEPENDS.get(stage, 'job.edit')} or an "
             f"earlier stage's changed). Use a new --workdir, or delete {paths.marker(stage)} and "
             "the markers after it to redo those stages.")
       logging.info("stage %s: done earlier (%s), skipped.", stage, paths.marker(stage))
@@ -406,7 +436,7 @@ def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] = STAGES)
     start = time.perf_counter()
     try:
       with _interruptible():
-        record = STAGE_FNS[stage](config, paths)
+        record = _stage_fn(stage)(config, paths)
     except Interrupted as e:
       print(f"[{stage}] interrupted ({e}); finished stages and checkpoints are kept. Rerun the "
             "same command to continue.")

@@ -435,10 +435,10 @@ def load_run_components(config: Any, mesh: Mesh, *, use_t5: bool = True) -> RunC
                      "config.precompute.text_encoders (the folders its latents and embeddings "
                      "came from); set them, or sample an exported folder with --pipeline DIR.")
   vae, vparams = load_vae(_precompute_setting(config, "vae"))
-  in_channels = config_lib.model_config(config).in_channels
-  if vae.config.latent_channels != in_channels:
+  out_channels = config_lib.model_config(config).out_channels  # an editing model takes 2x in
+  if vae.config.latent_channels != out_channels:
     raise ValueError(f"config.precompute.vae has {vae.config.latent_channels} latent channels "
-                     f"but config.model.in_channels={in_channels}.")
+                     f"but config.model.out_channels={out_channels}.")
   folder = _precompute_setting(config, "text_encoders")
   encoders = TextEncoders.from_pipeline_folder(
       folder, t5_length=int(config.conditioning.t5_tokens),

@@ -233,6 +233,7 @@ def make_loss_and_grads(config: ConfigDict, model: nn.Module, mesh: Mesh):
   k = int(config.microbatches)
   axes = batch_axes(config.sharding_rules)
   t5_width, drop = config.model.joint_attention_dim, float(config.conditioning.drop_prob)
+  edit_drop = float(config.conditioning.get("edit_drop_prob", 0.05))
   factor = int(config.data.vae_factor)
 
   def loss_fn(params, mb):
@@ -253,6 +254,11 @@ def make_loss_and_grads(config: ConfigDict, model: nn.Module, mesh: Mesh):
     z_t, t, target, weight = flow.training_inputs(flow_rng, x0, formulation, density,
                                                   shift=shift)
     context, pooled = text_conditioning(drop_rng, batch, drop, t5_width)
+    if "source_latents" in batch:  # an editing model: the source latent joins the channels
+      context, pooled, source = conditioning.drop_edit_conditions(
+          jax.random.fold_in(drop_rng, 1), context, pooled,
+          batch["source_latents"].astype(jnp.float32), edit_drop)
+      z_t = jnp.concatenate([z_t, source], axis=-1)
     weight = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), t.shape)
     inputs = {"z_t": z_t, "t": t, "context": context, "pooled": pooled, "target": target,
               "weight": weight}
@@ -415,8 +421,13 @@ def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Ca
   state, _ = parallel.create_sharded(init_fn, mesh, rules, jax.random.PRNGKey(config.seed),
                                      shardings=shardings)
   if config.init_from:
-    params = ckpt_lib.load_weights(config.init_from, abstract.params, config,
-                                   use_ema=config.init_from_ema)
+    if int(config.get("init_from_in_channels", 0) or config.model.in_channels) != int(
+        config.model.in_channels):  # an editing model from a text-to-image run
+      from sd3jax.edit import model as edit_model
+      params = edit_model.load_widened_weights(config, abstract.params)
+    else:
+      params = ckpt_lib.load_weights(config.init_from, abstract.params, config,
+                                     use_ema=config.init_from_ema)
     state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
   return state
 

@@ -116,6 +116,42 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   from PIL import Image  # --height / --width: any size the patch grid allows
   assert Image.open(tmp_path / "v" / "0000_a_red_circle.png").size == (80, 48)
 
+  # The editing experiment on the finished job: only its own stages run (the text-to-image
+  # ones are the same settings, so they are skipped), then `sd3jax edit` on its model.
+  edit_config = os.path.join(ROOT, "experiments", "shapes_edit.py") + ":smoke"
+  edited = subprocess.run([sys.executable, "-m", "sd3jax.cli", "run", "--config", edit_config,
+                           "--workdir", str(workdir)], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=900)
+  assert edited.returncode == 0, edited.stdout[-3000:] + edited.stderr[-3000:]
+  stage_lines = [line for line in edited.stdout.splitlines() if line.startswith("[")]
+  assert [line.split("]")[0][1:] for line in stage_lines] == list(job.STAGES) + [
+      "edit_data", "edit_train", "edit_evaluate"], stage_lines
+  assert all("done earlier, skipped" in line for line in stage_lines[:len(job.STAGES)])
+  assert "editing (held-out scenes; success / preservation): recolour" in edited.stdout
+  ev = json.loads((workdir / "edit_eval.json").read_text())
+  assert set(ev["baselines"]) == {"copy", "regenerate"} and ev["baselines"]["copy"][
+      "preserved"] >= 0.9  # the copy baseline keeps what the checker sees
+  assert os.path.getsize(workdir / "edit" / "edit_grid.png") > 0
+  edit_run = json.loads((workdir / "edit" / "config.json").read_text())
+  assert edit_run["model"]["in_channels"] == 32 and edit_run["init_from_in_channels"] == 16
+  from sd3jax.data import shapes_edit
+  from PIL import Image
+  Image.fromarray(shapes_edit.render_edit(shapes_edit.make_edit(0))[0]).save(tmp_path / "in.png")
+  cli_edit = subprocess.run(
+      [sys.executable, "-m", "sd3jax.cli", "edit", "--workdir", str(workdir), "--image",
+       str(tmp_path / "in.png"), "--instruction", "make the red circle blue", "--steps", "2",
+       "--image-cfg", "1.2", "--out", str(tmp_path / "edited")],
+      capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+  assert cli_edit.returncode == 0, cli_edit.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "edited")) == [
+      "0000_in_make_the_red_circle_blue.png", "grid.png"]
+  assert Image.open(tmp_path / "edited" / "grid.png").size[0] >= 2 * 64  # input | result
+  not_edit = subprocess.run(
+      [sys.executable, "-m", "sd3jax.cli", "edit", "--workdir", str(workdir / "mmdit"),
+       "--image", str(tmp_path / "in.png"), "--instruction", "remove the red circle"],
+      capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+  assert not_edit.returncode == 2 and "text-to-image run" in not_edit.stderr, not_edit.stderr
+
   # A third run does nothing; a changed setting is refused, naming the stage.
   again = subprocess.run(_cmd(workdir), capture_output=True, text=True, env=_env(), cwd=ROOT)
   assert again.returncode == 0 and "[evaluate] done earlier, skipped" in again.stdout

@@ -83,8 +83,11 @@ class BatchEncoder:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         tree)
 
-  def vae_fn(self, hw: tuple[int, int]):
-    if hw not in self._vae:
+  def vae_fn(self, hw: tuple[int, int], count: int | None = None):
+    """The compiled encoder of `count` images (default: the batch; edits send 2x) of hw."""
+    count = int(count or self.batch)
+    key = hw if count == self.batch else (*hw, count)
+    if key not in self._vae:
       model, dtype = self.vae_model, self.dtype
 
       def fn(params, images):
@@ -92,11 +95,11 @@ class BatchEncoder:
         return post.mean.astype(dtype), post.std.astype(dtype)
       out = self._batch_sharding(4)
       jitted = jax.jit(fn, out_shardings=(out, out))
-      images = jax.ShapeDtypeStruct((self.batch, *hw, 3), jnp.float32,
+      images = jax.ShapeDtypeStruct((count, *hw, 3), jnp.float32,
                                     sharding=self._batch_sharding(4))
-      self._vae[hw] = _compile(jitted, (self._abstract(self.vae_params), images), self.mesh,
-                               self.rules)
-    return self._vae[hw]
+      self._vae[key] = _compile(jitted, (self._abstract(self.vae_params), images), self.mesh,
+                                self.rules)
+    return self._vae[key]
 
   def text_fn(self):
     if self._text is None:
@@ -144,6 +147,7 @@ class BatchEncoder:
   def __call__(self, images: np.ndarray, ids: Mapping[str, np.ndarray]) -> tuple:
     """Dispatches both programs (asynchronously); returns device arrays."""
     put = lambda x: jax.device_put(x, self._batch_sharding(x.ndim))
-    mean, std = self.vae_fn(tuple(images.shape[1:3]))(self.vae_params, put(images))
+    mean, std = self.vae_fn(tuple(images.shape[1:3]), len(images))(self.vae_params,
+                                                                   put(images))
     text = self.text_fn()(self.text_params, {k: put(v) for k, v in ids.items()})
     return mean, std, text

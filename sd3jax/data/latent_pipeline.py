@@ -9,7 +9,8 @@ on the host, from the stored posterior moments (z = mean + std * eps, eps from a
 seeded by (seed, record index, epoch)) and normalised (z - shift) * scale with the VAE's
 factors from the records' producer, so the train step takes them as x0 unchanged;
 "clip_l" / "clip_g" [B, 77, D], "clip_l_pooled" / "clip_g_pooled" [B, D], "t5" [B, L, W]
-of the chosen caption (same generator, p_synthetic); plus "caption_is_synthetic",
+of the chosen caption (same generator, p_synthetic); edit records add "source_latents",
+the normalised posterior mean of the image the edit starts from; plus "caption_is_synthetic",
 "index" (record index), "epoch", "step", "bucket" unless `keys` selects (TRAIN_KEYS).
 The records' producer is checked first (`check_producer`). The trainer's
 `make_train_iterator(config)` wraps it and checks the config's shapes against the records.
@@ -29,7 +30,7 @@ from sd3jax.data.pipeline import (Pipeline, PipelineIterator, TrainPlan, _SAMPLI
 # Keys of a trainer batch (sd3jax.data.synthetic's layout); metadata is left out so that
 # every key can be sharded onto the devices as a number array.
 TRAIN_KEYS: tuple[str, ...] = ("latents", "clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled",
-                               "t5")
+                               "t5", "source_latents")  # the last: edit records only
 
 
 class PrecomputeMismatchError(ValueError):
@@ -91,6 +92,9 @@ class _PrecomputedTransform:
     eps = rng.standard_normal(mean.shape, dtype=np.float32)
     z = mean + ex["vae_std"].astype(np.float32) * eps
     out = {"latents": vae_lib.normalize_latents(z, self.scale, self.shift)}
+    if "source_vae_mean" in ex:  # an edit's source image: its posterior mode, as at sampling
+      out["source_latents"] = vae_lib.normalize_latents(
+          ex["source_vae_mean"].astype(np.float32), self.scale, self.shift)
     for k in ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled"):
       out[k] = emb[k].astype(np.float32)
     out["t5"] = (emb["t5"].astype(np.float32) if "t5" in emb
@@ -176,8 +180,8 @@ def config_mismatches(config, producer: Mapping[str, Any]) -> list[str]:
        [tuple(b) for b in want] if d.get("buckets") else d.image_size,
        sorted(found) if found else found, want),
       ("data.vae_factor", factor, s.get("vae_factor"), factor),
-      ("model.in_channels", config.model.in_channels, s.get("latent_channels"),
-       config.model.in_channels),
+      ("model.out_channels", config.model.out_channels, s.get("latent_channels"),
+       config.model.out_channels),  # in_channels is twice that for an editing model
       ("conditioning.clip_tokens", c.clip_tokens, s.get("clip_length"), c.clip_tokens),
       ("conditioning.clip_l_dim", c.clip_l_dim,
        [s.get("clip_l_width"), s.get("clip_l_pooled_width")], [c.clip_l_dim] * 2),

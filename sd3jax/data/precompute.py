@@ -16,6 +16,8 @@ What a record holds (one example; arrays in the storage dtype, bfloat16 or float
              t5 (L, Dt) (absent without a T5)}           embeddings of caption_original
   synthetic {... the same ...}  embeddings of caption_synthetic; absent when the example
                                 has none (the trainer then uses the original caption)
+  source_vae_mean  (h/f, w/f, C) posterior mean of the image an edit starts from; only in
+                   edit records (sources with has_source_image: sd3jax.data.shapes_edit)
 Index columns (sidecar, no decoding needed): index, latent_height, latent_width.
 
 Moments, not latents: the trainer draws z = mean + std * eps afresh every time it sees an
@@ -187,13 +189,16 @@ def _load(source, chunk: _Chunk, hw: tuple[int, int], batch: int, encoder: Batch
     exs = source.read_many(idx)
   else:
     exs = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
-  images, meta, bad = [], [], []
+  images, sources, meta, bad = [], [], [], []
   for i, ex in zip(idx, exs):
     try:
       if isinstance(ex, Exception):
         raise ex
       try:
         pixels, orig, _ = pipeline_lib.resize_and_crop(ex["image"], *hw, crop="center")
+        if "source_image" in ex:  # an edit: the image it starts from, cropped the same way
+          sources.append(pipeline_lib.to_float(pipeline_lib.resize_and_crop(
+              ex["source_image"], *hw, crop="center")[0]))
       except Exception as e:  # noqa: BLE001 -- a readable record with an undecodable image
         raise records.BadRecordError(*_record_place(source, i), f"the image does not decode "
                                      f"({type(e).__name__}: {e})") from e
@@ -211,6 +216,8 @@ def _load(source, chunk: _Chunk, hw: tuple[int, int], batch: int, encoder: Batch
     return None, None, meta, bad
   pad = batch - len(meta)  # Padding repeats the last example; its outputs are discarded.
   images = np.stack(images + [images[-1]] * pad)
+  if sources:  # the edit's source images after the targets: one VAE call
+    images = np.concatenate([images, np.stack(sources + [sources[-1]] * pad)])
   caps = [m["caption_original"] for m in meta] + [meta[-1]["caption_original"]] * pad
   caps += [m["caption_synthetic"] for m in meta] + [meta[-1]["caption_synthetic"]] * pad
   return images, encoder.tokenize(caps), meta, bad
@@ -238,13 +245,16 @@ def _prefetch(items: Sequence[Any], fn, depth: int = 2) -> Iterator[tuple[Any, A
 # The stage.
 # ----------------------------------------------------------------------------
 def _records(meta, mean, std, text, hw, f, has_t5) -> Iterator[dict[str, Any]]:
-  b = mean.shape[0]
+  b = text["clip_l"].shape[0] // 2  # both captions of b examples (an edit: 2b images)
+  edit = mean.shape[0] == 2 * b
   for j, m in enumerate(meta):
     rec = {"key": m["key"], "index": m["index"], "height": hw[0], "width": hw[1],
            "latent_height": hw[0] // f, "latent_width": hw[1] // f,
            "original_size": m["original_size"], "caption_original": m["caption_original"],
            "caption_synthetic": m["caption_synthetic"],
            "vae_mean": mean[j], "vae_std": std[j]}
+    if edit:  # the source's posterior mean: the editing model conditions on its mode
+      rec["source_vae_mean"] = mean[b + j]
     keys = TEXT_KEYS if has_t5 else TEXT_KEYS[:4]
     rec["original"] = {k: text[k][j] for k in keys}
     if m["caption_synthetic"]:
@@ -396,7 +406,7 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
     raise
   finally:
     bar.close()
-  compiled = sorted(encoder._vae)
+  compiled = sorted({k[:2] for k in encoder._vae})  # (h, w); edits compile 2x batches too
   if stopped_early:
     return result(None, False, written, done, count, compiled)
 

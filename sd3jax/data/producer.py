@@ -91,7 +91,11 @@ def make_producer(source, vae_model, vae_params, text_encoders, *,
       text_key[name]["params_sha256"] = params_fingerprint(enc.params)
   f = vae_factor(vae_model)
   clip_l, clip_g = (text_encoders.encoders[n].model.config for n in ("clip_l", "clip_g"))
+  extra = {}
+  if getattr(source, "has_source_image", False):  # edit triplets (sd3jax.data.shapes_edit)
+    extra["source_image"] = "vae_mean"
   return {
+      **extra,
       "stage": STAGE, "record_version": RECORD_VERSION,
       "source": source_identity(source),
       "vae": {"config": cfg.to_diffusers(), "dtype": jnp.dtype(vae_model.dtype).name,

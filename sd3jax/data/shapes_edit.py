@@ -240,10 +240,10 @@ class Sd3jaxShapesEdit(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     cfg = self.builder_config
-    return {"train": self._generate("train", cfg.num_train),
-            "validation": self._generate("validation", cfg.num_val)}
+    return {"train": self._generate_examples("train", cfg.num_train),
+            "validation": self._generate_examples("validation", cfg.num_val)}
 
-  def _generate(self, split: str, num: int):
+  def _generate_examples(self, split: str, num: int):
     cfg = self.builder_config
     for i in range(num):
       edit = make_edit(i, split=split, seed=cfg.seed)
@@ -257,8 +257,10 @@ class Sd3jaxShapesEdit(tfds.core.GeneratorBasedBuilder):
 def build_edits(data_dir: str, resolution: int = 64, num_train: int = 6_000,
                 num_val: int = 512, seed: int = 0) -> str:
   """Renders and writes the edit dataset (a no-op when built); returns its directory."""
-  builder = Sd3jaxShapesEdit(data_dir=data_dir,
-                             config=make_config(resolution, num_train, num_val, seed))
+  config = make_config(resolution, num_train, num_val, seed)
+  if any(c.name == config.name for c in Sd3jaxShapesEdit.BUILDER_CONFIGS):
+    config = config.name  # TFDS refuses a custom config named as a predefined one
+  builder = Sd3jaxShapesEdit(data_dir=data_dir, config=config)
   with contextlib.redirect_stdout(io.StringIO()) as said:  # TFDS prints; nothing downloads
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         try_download_gcs=False))
