@@ -24,6 +24,7 @@ setup(
         "matplotlib",
         "tqdm",
         "tensorboardX",
+        "faiss-cpu",  # sd3jax dedup: kNN search (flat / IVF-PQ)
     ],
     extras_require={
         # torch 2.13.0 is the CPU build on this machine's disk; other versions pull CUDA builds.

@@ -146,6 +146,14 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   assert sorted(os.listdir(tmp_path / "edited")) == [
       "0000_in_make_the_red_circle_blue.png", "grid.png"]
   assert Image.open(tmp_path / "edited" / "grid.png").size[0] >= 2 * 64  # input | result
+  exported = subprocess.run(
+      [sys.executable, "-m", "sd3jax.cli", "export", "--workdir", str(workdir / "edit"),
+       "--out", str(tmp_path / "edit_export")], capture_output=True, text=True, env=_env(),
+      cwd=ROOT, timeout=600)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  from diffusers import SD3Transformer2DModel
+  transformer = SD3Transformer2DModel.from_pretrained(str(tmp_path / "edit_export" / "transformer"))
+  assert (transformer.config.in_channels, transformer.config.out_channels) == (32, 16)
   not_edit = subprocess.run(
       [sys.executable, "-m", "sd3jax.cli", "edit", "--workdir", str(workdir / "mmdit"),
        "--image", str(tmp_path / "in.png"), "--instruction", "remove the red circle"],

@@ -23,7 +23,6 @@ drawing the target scene's caption: what a model that ignores the source can do)
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Mapping, Sequence
@@ -176,8 +175,6 @@ def evaluate_editing(edit_pipe, t2i_pipe, examples: Sequence[Mapping[str, Any]],
   out["seconds"] = time.perf_counter() - t0
   if out_dir:
     out["grid"] = save_grid(os.path.join(out_dir, "edit_grid.png"), examples, results)
-    with open(os.path.join(out_dir, "edit_eval.json"), "w") as f:
-      json.dump(out, f, indent=1, default=float)
   return out
 
 

@@ -123,9 +123,9 @@ def load_pipeline(folder: str, *, t5_length: int = 256, use_t5: bool = True,
   vae, vparams = load_vae(sub("vae"), dtype=vae_dtype)
   if mesh is not None:
     vparams = jax.device_put(vparams, NamedSharding(mesh, P()))
-  if vae.config.latent_channels != cfg.in_channels:
+  if vae.config.latent_channels != cfg.out_channels:  # an editing transformer takes 2x in
     raise ValueError(f"The VAE has {vae.config.latent_channels} latent channels but the "
-                     f"transformer takes in_channels={cfg.in_channels}.")
+                     f"transformer predicts out_channels={cfg.out_channels}.")
 
   has_t5 = (index.get("text_encoder_3") or [None, None])[0] is not None and os.path.exists(
       os.path.join(sub("text_encoder_3"), "config.json"))
