@@ -5,6 +5,8 @@ worker processes and tools start fast):
   shapes       procedural scenes, captions, VOCABULARY, eval prompts (numpy + PIL)
   shapes_tfds  TFDS builder for shapes (ArrayRecord, no TensorFlow):
                build_shapes / load_shapes
+  shapes_edit  instruction-edit triplets of shapes scenes + their TFDS builder
+               (build_edits / load_edits)
   records      ArrayRecord + msgpack record sets with a manifest (raw and
                precomputed examples): RecordWriter, ShardWriter, RecordSource
   ingest       image folders / webdataset tars -> image_text records

@@ -1,4 +1,4 @@
-"""Instruction-based image editing with the MM-DiT (InstructPix2Pix-style, SD3 paper Sec. 5.3.3).
+"""Instruction-based image editing with the MM-DiT (InstructPix2Pix-style, as the SD3 paper).
 
 The editing model is the text-to-image MM-DiT with the source image's latent concatenated to
 the noisy latent along channels (in_channels 2 x 16), fine-tuned from a text-to-image run on
