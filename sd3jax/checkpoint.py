@@ -21,6 +21,7 @@ acceptable.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -250,6 +251,36 @@ def _reason(error: Exception) -> str:
   else:
     kind = "unreadable"
   return f"{kind}: {type(error).__name__}: {text[:160]}" + ("..." if len(text) > 160 else "")
+
+
+# ---------------------------------------------------------------------------
+# The data iterators' positions (one per process)
+# ---------------------------------------------------------------------------
+
+def gather_data_state(data_state: dict | None) -> dict | None:
+  """{"processes": [state of process 0, 1, ...]} on every process; as is with one process.
+
+  Orbax writes JSON items from process 0 only, and each process's iterator has its own state
+  (records pipelines: its shard's fingerprint), so every process's state goes in the checkpoint.
+  """
+  if data_state is None or jax.process_count() == 1:
+    return data_state
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  size = int(np.max(multihost_utils.process_allgather(np.int32(raw.size))))
+  padded = np.zeros(size, np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded)
+  return {"processes": [json.loads(bytes(r).rstrip(b"\0")) for r in np.asarray(rows)]}
+
+
+def data_state_of_this_process(data_state: dict) -> dict:
+  """This process's entry of a gathered state (process 0's when the job had fewer processes;
+  an iterator whose shard changed rejects it in set_state)."""
+  states = data_state.get("processes")
+  if states is None:
+    return data_state
+  return states[jax.process_index()] if jax.process_index() < len(states) else states[0]
 
 
 # ---------------------------------------------------------------------------

@@ -103,8 +103,8 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   flags.DEFINE_bool("no_t5", False, "sample: T5 replaced by zeros.", flag_values=flag_values)
   flags.DEFINE_bool("ema", True, "sample / evaluate / export: EMA weights (--noema: raw).",
                     flag_values=flag_values)
-  flags.DEFINE_string("out", None, "sample: image folder (default WORKDIR/generated); export: "
-                      "the diffusers folder.", flag_values=flag_values)
+  flags.DEFINE_string("out", None, "sample / edit: image folder (default WORKDIR/generated; "
+                      "edit: RUN/edited); export: the diffusers folder.", flag_values=flag_values)
   flags.DEFINE_string("pipeline", None, "sample: a diffusers SD3 pipeline folder instead of a "
                       "run.", flag_values=flag_values)
   flags.DEFINE_integer("step", None, "sample / evaluate / export: this checkpoint step "
@@ -115,10 +115,10 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
                             flag_values=flag_values)
   flags.DEFINE_string("instruction", None, 'edit: what to change, e.g. "make the red circle '
                       'blue".', flag_values=flag_values)
-  flags.DEFINE_float("image-cfg", None, "edit: image guidance scale (default: the run's, 1.5).",
-                     flag_values=flag_values)
-  flags.DEFINE_float("text-cfg", None, "edit: text guidance scale (default: the run's, 5).",
-                     flag_values=flag_values)
+  flags.DEFINE_float("image-cfg", None, "edit: image guidance scale (default: the run's; 2.5 "
+                     "in shapes_edit).", flag_values=flag_values)
+  flags.DEFINE_float("text-cfg", None, "edit: text guidance scale (default: the run's; 5 in "
+                     "shapes_edit).", flag_values=flag_values)
   # bench / compile / scaling (sd3jax.bench, sd3jax.compile, sd3jax.scaling).
   flags.DEFINE_bool("vs-diffusers", False, "bench: also time diffusers + torch AdamW, same run.",
                     flag_values=flag_values)

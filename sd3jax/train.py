@@ -381,32 +381,6 @@ def make_train_step(config: ConfigDict, task: Task, schedule: optim.Schedule):
 # Checkpoint
 # =============================================================================================
 
-def gather_data_state(data_state: dict | None) -> dict | None:
-  """{"processes": [state of process 0, 1, ...]} on every process; as is with one process.
-
-  Orbax writes JSON items from process 0 only, and each process's iterator has its own state
-  (records pipelines: its shard's fingerprint), so every process's state goes in the checkpoint.
-  """
-  if data_state is None or jax.process_count() == 1:
-    return data_state
-  from jax.experimental import multihost_utils
-  raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
-  size = int(np.max(multihost_utils.process_allgather(np.int32(raw.size))))
-  padded = np.zeros(size, np.uint8)
-  padded[:raw.size] = raw
-  rows = multihost_utils.process_allgather(padded)
-  return {"processes": [json.loads(bytes(r).rstrip(b"\0")) for r in np.asarray(rows)]}
-
-
-def data_state_of_this_process(data_state: dict) -> dict:
-  """This process's entry of a gathered state (process 0's when the job had fewer processes;
-  an iterator whose shard changed rejects it in set_state)."""
-  states = data_state.get("processes")
-  if states is None:
-    return data_state
-  return states[jax.process_index()] if jax.process_index() < len(states) else states[0]
-
-
 def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Callable,
                     abstract: TrainState, shardings: Any, mesh: Mesh, rules,
                     data: Iterator) -> TrainState:
@@ -415,7 +389,7 @@ def restore_or_init(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, init_fn: Ca
   restored = ckpt.restore_latest(abstract)
   if restored is not None:
     if restored.data_state is not None and hasattr(data, "set_state"):
-      data.set_state(data_state_of_this_process(restored.data_state))
+      data.set_state(ckpt_lib.data_state_of_this_process(restored.data_state))
     console.say(f"Resumed from step {restored.step} ({ckpt.directory}).", every_process=True)
     return restored.state
   state, _ = parallel.create_sharded(init_fn, mesh, rules, jax.random.PRNGKey(config.seed),
@@ -598,7 +572,7 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
         # -- checkpoint --------------------------------------------------------------------
         interrupted = stop.requested()
         if interrupted or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
-          ckpt.save(step, state, gather_data_state(data_state), config_json)
+          ckpt.save(step, state, ckpt_lib.gather_data_state(data_state), config_json)
         if interrupted:
           logging.warning("Stopped at step %d after a signal; checkpoint saved. Rerun to resume.",
                           step)
