@@ -166,20 +166,6 @@ class _Subset:
     return [self[i] for i in idx]
 
 
-def _build_shapes(path: str, size: int, num_train: int, num_val: int, seed: int) -> None:
-  """shapes_tfds.build_shapes (a no-op when built); a config the builder predefines is
-  named by its name, as TFDS refuses a custom config object of the same name."""
-  from sd3jax.data import shapes_tfds
-  import tensorflow_datasets as tfds
-  cfg = shapes_tfds.make_config(size, num_train, num_val, seed)
-  if not any(c.name == cfg.name for c in shapes_tfds.Sd3jaxShapes.BUILDER_CONFIGS):
-    shapes_tfds.build_shapes(path, size, num_train, num_val, seed)
-    return
-  builder = shapes_tfds.Sd3jaxShapes(data_dir=path, config=cfg.name)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False))
-
-
 def image_sources(config: ConfigDict) -> tuple[Any, Any]:
   """(train, held-out) random-access image sources of config.data.
 
@@ -196,7 +182,7 @@ def image_sources(config: ConfigDict) -> tuple[Any, Any]:
     name = shapes_tfds.config_name(size, size, int(d.shapes_num_train), int(d.shapes_num_val),
                                    int(d.shapes_seed))
     if jax.process_index() == 0:
-      _build_shapes(d.path, size, int(d.shapes_num_train), int(d.shapes_num_val),
+      shapes_tfds.build_shapes(d.path, size, int(d.shapes_num_train), int(d.shapes_num_val),
                     int(d.shapes_seed))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

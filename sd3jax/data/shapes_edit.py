@@ -30,15 +30,12 @@ also what precompute reads (examples carry a "source_image").
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
 from typing import Any, Sequence
 
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -257,17 +254,9 @@ class Sd3jaxShapesEdit(tfds.core.GeneratorBasedBuilder):
 def build_edits(data_dir: str, resolution: int = 64, num_train: int = 6_000,
                 num_val: int = 512, seed: int = 0) -> str:
   """Renders and writes the edit dataset (a no-op when built); returns its directory."""
-  config = make_config(resolution, num_train, num_val, seed)
-  if any(c.name == config.name for c in Sd3jaxShapesEdit.BUILDER_CONFIGS):
-    config = config.name  # TFDS refuses a custom config named as a predefined one
-  builder = Sd3jaxShapesEdit(data_dir=data_dir, config=config)
-  with contextlib.redirect_stdout(io.StringIO()) as said:  # TFDS prints; nothing downloads
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
-  if said.getvalue().strip():
-    logging.info("TFDS: %s", said.getvalue().strip())
-  return os.fspath(builder.data_dir)
-
+  from sd3jax.data import shapes_tfds
+  return shapes_tfds.prepare(Sd3jaxShapesEdit, data_dir,
+                             make_config(resolution, num_train, num_val, seed))
 
 class EditSource:
   """Random-access triplets as precompute reads them: "image" is the target (what the model

@@ -166,8 +166,15 @@ def build_shapes(data_dir: str, resolution: int | tuple[int, int] = 64, num_trai
                  num_val: int = 1_000, seed: int = 0,
                  sizes: Sequence[tuple[int, int]] = ()) -> str:
   """Renders and writes the dataset (no-op if already built); returns its directory."""
-  config = make_config(resolution, num_train, num_val, seed, sizes)
-  builder = Sd3jaxShapes(data_dir=data_dir, config=config)
+  return prepare(Sd3jaxShapes, data_dir, make_config(resolution, num_train, num_val, seed, sizes))
+
+
+def prepare(builder_class, data_dir: str, config) -> str:
+  """Builds `config` of a generator builder in data_dir (a no-op when built), quietly; returns
+  the build's directory. Shared by the shapes and shapes_edit builders."""
+  if any(c.name == config.name for c in builder_class.BUILDER_CONFIGS):
+    config = config.name  # TFDS refuses a custom config named as a predefined one
+  builder = builder_class(data_dir=data_dir, config=config)
   # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded.
   with contextlib.redirect_stdout(io.StringIO()) as said:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
