@@ -327,3 +327,32 @@ def test_validation_loss_on_held_out_records(run, tmp_path):
     model, params = sample.load_run_params(config, run["workdir"], mesh, step=2)
     results.append(validation.ValidationLoss(config, model, mesh, examples)(params))
   assert results[0] == results[1] and results[0]["n"] == 5
+
+
+def test_caption_flip_starts_as_the_sampler_and_the_vae_round_trip(run):
+  """The caption-flip diagnostic from t0 = 1 is the run's own Euler sampler on the same noise,
+  and from t0 = 0 the VAE round trip of the scenes; bad levels and attributes are refused."""
+  from sd3jax.evals import decision
+  config = sample.run_config(None, run["workdir"])
+  pipe = sample.pipeline_from_run(config, run["workdir"])
+  objs = decision.scenes(3, seed=4)
+  images = np.stack([shapes.render([o], SIZE, SIZE, "white") for o in objs])
+  x0 = pipe.vae.encode_to_latents(pipe.vae_params, images.astype(np.float32) / 127.5 - 1.0)
+  prompts = ["a red circle", "two blue squares", "a green triangle at the top"]
+  kwargs = dict(steps=3, guidance=GUIDANCE, shift=SHIFT)
+  from_noise = decision.denoise_from(pipe, x0, 1.0, prompts, seed=2, **kwargs)
+  expected = sample.generate(pipe, prompts, height=SIZE, width=SIZE, steps=3,
+                             guidance_scale=GUIDANCE, shift=SHIFT, seed=2, progress=False)
+  np.testing.assert_allclose(from_noise, expected, atol=TOL)
+  unchanged = decision.denoise_from(pipe, x0, 0.0, prompts, **kwargs)
+  round_trip = np.clip(np.asarray(pipe.vae.decode_latents(pipe.vae_params, x0)) / 2 + 0.5, 0, 1)
+  np.testing.assert_allclose(unchanged, round_trip, atol=1e-6)
+  with pytest.raises(ValueError, match=r"t0 must be in \[0, 1\]"):
+    decision.denoise_from(pipe, x0, 1.5, prompts, **kwargs)
+  with pytest.raises(ValueError, match="Unknown attributes"):
+    decision.caption_flip(pipe, attributes=("size",))
+  result = decision.caption_flip(pipe, t0s=(0.0, 1.0), num=2, steps=2, size=SIZE,
+                                 attributes=("shape",))
+  assert result["t0"] == [0.0, 1.0] and set(result["shape"]) == {
+      "kept", "follows_flip", "keeps_original"}
+  assert all(len(v) == 2 and all(0.0 <= x <= 1.0 for x in v) for v in result["shape"].values())

@@ -1,0 +1,200 @@
+"""When does the caption decide an attribute? The caption-flip test on shapes scenes.
+
+A text-to-image flow model commits to each property of the image at some noise level; after
+that the caption can no longer change it. To find where, real single-object scenes are
+encoded, noised to level t0 with rectified flow (z = (1 - t0) x0 + t0 eps) and denoised from
+there with the run's sampler settings (Euler on the run's shifted grid, CFG), twice:
+
+  - under their own caption ("a red circle on the left"): how much of the scene survives;
+  - under the caption with one attribute changed (shape, colour or position): the fraction
+    of images the shapes checker reads as showing the *new* value.
+
+At t0 = 0 nothing can change (the images are the VAE round trips); at t0 = 1 the start is
+pure noise and the flipped caption is followed as well as any prompt. Where the "follows the
+flipped caption" curve rises says at which noise level the model decides that attribute, and
+how strongly the text decides it there (README, issue 16's ladder).
+
+  python -m sd3jax.evals.decision --workdir RUN [--num 48] [--out RUN/decision]
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sd3jax import sample as sample_lib
+from sd3jax.data import shapes
+from sd3jax.evals import shapes_checker
+from sd3jax.flow import samplers
+
+ATTRIBUTES = ("shape", "color", "position")
+DEFAULT_T0 = (0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def _flipped(obj: dict[str, Any], attribute: str) -> dict[str, Any]:
+  """The object with one attribute moved to the next value (shapes' order, cyclic)."""
+  values = {"shape": shapes.SHAPES, "color": tuple(shapes.COLORS),
+            "position": shapes.POSITIONS}[attribute]
+  new = dict(obj)
+  new[attribute] = values[(values.index(obj[attribute]) + 1) % len(values)]
+  return new
+
+
+def _caption(obj: dict[str, Any]) -> str:
+  return f"a {obj['color']} {obj['shape']} {shapes.POSITION_PHRASES[obj['position']]}"
+
+
+def scenes(num: int, seed: int = 0) -> list[dict[str, Any]]:
+  """`num` single-object scenes (colour, shape, size, cell, jitter) from their own stream."""
+  rng = np.random.default_rng([seed, 31])
+  out = []
+  for _ in range(num):
+    cell = int(rng.integers(len(shapes.POSITIONS)))
+    out.append({"color": str(rng.choice(list(shapes.COLORS))),
+                "shape": str(rng.choice(shapes.SHAPES)), "size": str(rng.choice(shapes.SIZES)),
+                "cell": cell, "position": shapes.POSITIONS[cell],
+                "jitter": [float(v) for v in rng.uniform(-1.0, 1.0, 2)]})
+  return out
+
+
+def denoise_from(pipeline: sample_lib.Pipeline, x0: jax.Array, t0: float, prompts: list[str], *,
+                 steps: int, guidance: float, shift: float, seed: int = 0) -> np.ndarray:
+  """Images [0, 1] after noising latents x0 to t0 and integrating the guided flow to 0.
+
+  The levels are the sampler's (sigmas(steps, shift)) below t0, after t0 itself: from t0 = 1
+  this is the run's own sampler on fresh noise.
+  """
+  if pipeline.formulation != "rf":
+    raise ValueError(f"The caption-flip test noises with rectified flow; this pipeline's "
+                     f"formulation is {pipeline.formulation!r}.")
+  if not 0.0 <= t0 <= 1.0:
+    raise ValueError(f"t0 must be in [0, 1] (0: no noise, 1: pure noise), got {t0}.")
+  grid = samplers.sigmas(steps, shift)
+  levels = jnp.asarray([t0] + [float(s) for s in grid if s < t0], jnp.float32)
+  eps = sample_lib.initial_noise(seed, np.arange(x0.shape[0]), tuple(x0.shape[1:]))
+  z = (1.0 - t0) * x0 + t0 * eps
+  encoders = pipeline.encoders()
+  context, neg_context, pooled, neg_pooled = encoders.encode_prompt(prompts)
+  context = jnp.concatenate([context, neg_context])
+  pooled = jnp.concatenate([pooled, neg_pooled])
+  model = pipeline.transformer
+
+  def velocity(z, t):
+    return model.apply({"params": pipeline.transformer_params}, z, t, context, pooled)
+
+  guided = samplers.cfg(velocity, guidance)
+
+  @jax.jit
+  def run(z, levels):
+    def step(z, pair):
+      s, s_next = pair
+      return z + (s_next - s) * guided(z, jnp.broadcast_to(s, (z.shape[0],))), None
+    z, _ = jax.lax.scan(step, z, (levels[:-1], levels[1:]))
+    return pipeline.vae.decode_latents(pipeline.vae_params, z)
+
+  images = run(z, levels) if levels.shape[0] > 1 else pipeline.vae.decode_latents(
+      pipeline.vae_params, z)
+  return np.clip(np.asarray(images) / 2 + 0.5, 0.0, 1.0)
+
+
+def _reads(images: np.ndarray, objects: Sequence[dict[str, Any]], attribute: str) -> float:
+  """Fraction of images whose largest detected object has `attribute` as in `objects`."""
+  hits = []
+  for image, obj in zip(images, objects):
+    dom = shapes_checker.dominant_object(shapes_checker.detect_objects(image))
+    hits.append(dom is not None and dom[attribute] == obj[attribute])
+  return float(np.mean(hits))
+
+
+def caption_flip(pipeline: sample_lib.Pipeline, *, t0s: Sequence[float] = DEFAULT_T0,
+                 num: int = 48, steps: int = 28, guidance: float = 5.0, shift: float = 3.0,
+                 size: int | None = None, seed: int = 0,
+                 attributes: Sequence[str] = ATTRIBUTES) -> dict[str, Any]:
+  """The test above. Returns {"t0", "num", and per attribute {"kept", "follows_flip",
+  "keeps_original"}: lists over t0}; "kept" is under the scene's own caption."""
+  unknown = sorted(set(attributes) - set(ATTRIBUTES))
+  if unknown:
+    raise ValueError(f"Unknown attributes {unknown}; choose from {ATTRIBUTES}.")
+  size = size or pipeline.default_size
+  objs = scenes(num, seed)
+  geo = [dict(o, **shapes.object_geometry(o, size, size)) for o in objs]
+  images = np.stack([shapes.render([o], size, size, "white") for o in geo])
+  x0 = pipeline.vae.encode_to_latents(pipeline.vae_params,
+                                      jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
+  kwargs = dict(steps=steps, guidance=guidance, shift=shift, seed=seed)
+  out: dict[str, Any] = {"t0": [float(t) for t in t0s], "num": num, "steps": steps,
+                         "guidance": guidance, "shift": shift}
+  own = [denoise_from(pipeline, x0, t, [_caption(o) for o in objs], **kwargs) for t in t0s]
+  for attribute in attributes:
+    flipped = [_flipped(o, attribute) for o in objs]
+    runs = [denoise_from(pipeline, x0, t, [_caption(o) for o in flipped], **kwargs)
+            for t in t0s]
+    out[attribute] = {
+        "kept": [_reads(im, objs, attribute) for im in own],
+        "follows_flip": [_reads(im, flipped, attribute) for im in runs],
+        "keeps_original": [_reads(im, objs, attribute) for im in runs]}
+  return out
+
+
+def plot(result: dict[str, Any], path: str) -> str:
+  """follows_flip and kept against t0, one line per attribute."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  for i, attribute in enumerate(a for a in ATTRIBUTES if a in result):
+    color = f"C{i}"
+    ax.plot(result["t0"], result[attribute]["follows_flip"], "o-", color=color,
+            label=f"{attribute}: follows the changed caption")
+    ax.plot(result["t0"], result[attribute]["kept"], "s--", color=color, alpha=0.5,
+            label=f"{attribute}: kept under its own caption")
+  ax.set_xlabel("noise level t0 the denoising starts from (1 = pure noise)")
+  ax.set_ylabel("fraction of images")
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="center left")
+  ax.set_title(f"When the caption decides ({result['num']} scenes, CFG {result['guidance']:g})",
+               fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m sd3jax.evals.decision",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="the job folder or its MM-DiT run")
+  parser.add_argument("--num", type=int, default=48, help="scenes (default 48)")
+  parser.add_argument("--t0", default=",".join(str(t) for t in DEFAULT_T0),
+                      help="comma-separated noise levels")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="", help="folder (default RUN/decision)")
+  args = parser.parse_args(argv)
+  run_dir = sample_lib.resolve_run_dir(args.workdir)
+  config = sample_lib.run_config(None, run_dir)
+  settings = sample_lib.run_sampling_settings(config)
+  pipeline = sample_lib.pipeline_from_run(config, run_dir, shift=settings["shift"])
+  t0s = [float(t) for t in args.t0.split(",") if t]
+  result = caption_flip(pipeline, t0s=t0s, num=args.num, steps=settings["steps"],
+                        guidance=settings["cfg"], shift=settings["shift"], seed=args.seed)
+  out = args.out or os.path.join(run_dir, "decision")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "decision.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  plot(result, os.path.join(out, "decision.png"))
+  print("t0:                " + " ".join(f"{t:5.2f}" for t in result["t0"]))
+  for attribute in ATTRIBUTES:
+    r = result[attribute]
+    print(f"{attribute:8s} kept:      " + " ".join(f"{v:5.2f}" for v in r["kept"]))
+    print(f"{attribute:8s} follows:   " + " ".join(f"{v:5.2f}" for v in r["follows_flip"]))
+  print(f"wrote {out}/decision.json and decision.png")
+
+
+if __name__ == "__main__":
+  main()
