@@ -14,7 +14,7 @@ pure noise and the flipped caption is followed as well as any prompt. Where the 
 flipped caption" curve rises says at which noise level the model decides that attribute, and
 how strongly the text decides it there (README, issue 16's ladder).
 
-  python -m sd3jax.evals.decision --workdir RUN [--num 48] [--out RUN/decision]
+  python -m sd3jax.evals.decision --workdir RUN [--num 48] [--cfg X] [--out RUN/decision]
 """
 from __future__ import annotations
 
@@ -173,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num", type=int, default=48, help="scenes (default 48)")
   parser.add_argument("--t0", default=",".join(str(t) for t in DEFAULT_T0),
                       help="comma-separated noise levels")
+  parser.add_argument("--cfg", type=float, default=None,
+                      help="guidance scale (default: the run's own, config.eval.sample_cfg)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="", help="folder (default RUN/decision)")
   args = parser.parse_args(argv)
@@ -181,8 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   settings = sample_lib.run_sampling_settings(config)
   pipeline = sample_lib.pipeline_from_run(config, run_dir, shift=settings["shift"])
   t0s = [float(t) for t in args.t0.split(",") if t]
+  guidance = settings["cfg"] if args.cfg is None else args.cfg
   result = caption_flip(pipeline, t0s=t0s, num=args.num, steps=settings["steps"],
-                        guidance=settings["cfg"], shift=settings["shift"], seed=args.seed)
+                        guidance=guidance, shift=settings["shift"], seed=args.seed)
   out = args.out or os.path.join(run_dir, "decision")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "decision.json"), "w") as f:
