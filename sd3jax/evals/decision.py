@@ -77,28 +77,37 @@ def denoise_from(pipeline: sample_lib.Pipeline, x0: jax.Array, t0: float, prompt
   levels = jnp.asarray([t0] + [float(s) for s in grid if s < t0], jnp.float32)
   eps = sample_lib.initial_noise(seed, np.arange(x0.shape[0]), tuple(x0.shape[1:]))
   z = (1.0 - t0) * x0 + t0 * eps
-  encoders = pipeline.encoders()
-  context, neg_context, pooled, neg_pooled = encoders.encode_prompt(prompts)
+  context, neg_context, pooled, neg_pooled = pipeline.encoders().encode_prompt(prompts)
   context = jnp.concatenate([context, neg_context])
   pooled = jnp.concatenate([pooled, neg_pooled])
-  model = pipeline.transformer
+  if levels.shape[0] == 1:  # t0 = 0: nothing to integrate.
+    images = pipeline.vae.decode_latents(pipeline.vae_params, z)
+  else:
+    images = _integrate_fn(pipeline)(pipeline.transformer_params, pipeline.vae_params, z,
+                                     levels, context, pooled, jnp.float32(guidance))
+  return np.clip(np.asarray(images) / 2 + 0.5, 0.0, 1.0)
 
-  def velocity(z, t):
-    return model.apply({"params": pipeline.transformer_params}, z, t, context, pooled)
 
-  guided = samplers.cfg(velocity, guidance)
+def _integrate_fn(pipeline: sample_lib.Pipeline):
+  """jit(params, vae params, z, levels, context, pooled, guidance) -> images in [-1, 1]:
+  guided Euler over `levels`, then decode. One per pipeline: captions and the guidance are
+  arguments, so only a new number of levels compiles again."""
+  if "caption_flip" in pipeline._cache:
+    return pipeline._cache["caption_flip"]
+  model, vae = pipeline.transformer, pipeline.vae
 
-  @jax.jit
-  def run(z, levels):
+  def run(tparams, vparams, z, levels, context, pooled, guidance):
+    guided = samplers.cfg(
+        lambda z, t: model.apply({"params": tparams}, z, t, context, pooled), guidance)
+
     def step(z, pair):
       s, s_next = pair
       return z + (s_next - s) * guided(z, jnp.broadcast_to(s, (z.shape[0],))), None
     z, _ = jax.lax.scan(step, z, (levels[:-1], levels[1:]))
-    return pipeline.vae.decode_latents(pipeline.vae_params, z)
+    return vae.decode_latents(vparams, z)
 
-  images = run(z, levels) if levels.shape[0] > 1 else pipeline.vae.decode_latents(
-      pipeline.vae_params, z)
-  return np.clip(np.asarray(images) / 2 + 0.5, 0.0, 1.0)
+  pipeline._cache["caption_flip"] = jax.jit(run)
+  return pipeline._cache["caption_flip"]
 
 
 def _reads(images: np.ndarray, objects: Sequence[dict[str, Any]], attribute: str) -> float:
@@ -121,8 +130,7 @@ def caption_flip(pipeline: sample_lib.Pipeline, *, t0s: Sequence[float] = DEFAUL
     raise ValueError(f"Unknown attributes {unknown}; choose from {ATTRIBUTES}.")
   size = size or pipeline.default_size
   objs = scenes(num, seed)
-  geo = [dict(o, **shapes.object_geometry(o, size, size)) for o in objs]
-  images = np.stack([shapes.render([o], size, size, "white") for o in geo])
+  images = np.stack([shapes.render([o], size, size, "white") for o in objs])
   x0 = pipeline.vae.encode_to_latents(pipeline.vae_params,
                                       jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
   kwargs = dict(steps=steps, guidance=guidance, shift=shift, seed=seed)
