@@ -356,3 +356,8 @@ def test_caption_flip_starts_as_the_sampler_and_the_vae_round_trip(run):
   assert result["t0"] == [0.0, 1.0] and set(result["shape"]) == {
       "kept", "follows_flip", "keeps_original"}
   assert all(len(v) == 2 and all(0.0 <= x <= 1.0 for x in v) for v in result["shape"].values())
+  loud = decision.salience(pipe, num=4, size=SIZE)
+  assert set(loud) >= {"shape", "color", "position", "size", "shape circle / square"}
+  # In pixels a square differs from the circle it encloses by its corners, a triangle by more.
+  assert 0 < loud["shape circle / square"]["pixels"] < loud["shape triangle / circle"]["pixels"]
+  assert all(r["latents"] > 0 for r in loud.values())
