@@ -49,7 +49,7 @@ Why this sizing (each line measured on this 2-core CPU; README "diagnostic ladde
   - batch 16 at lr 2e-3 beat batch 32 / half the steps and batch 8 / twice the steps at
     the same wall time; lr 4e-3 at batch 16 collapsed to empty images. 4,800 steps and three
     in-training evals fit the 15-minute budget.
-  - 4,800 steps are short of the shape target (0.63 here); `steps=9600` (25 minutes of
+  - 4,800 steps are short of the shape target (0.63 here); `steps=9600` (about 25 minutes of
     stages) reaches colour / shape / position 1.00 / 0.88 / 1.00. Shape is learned last: a
     circle -> square swap moves the latent a fifth as far as a colour change does, so it is
     a fifth as loud in the loss (`python -m sd3jax.evals.decision`).
