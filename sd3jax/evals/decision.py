@@ -36,6 +36,7 @@ from sd3jax.flow import samplers
 
 ATTRIBUTES = ("shape", "color", "position")
 DEFAULT_T0 = (0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0)
+SALIENCE_SCENES = 64
 
 
 def _flipped(obj: dict[str, Any], attribute: str) -> dict[str, Any]:
@@ -153,7 +154,7 @@ def caption_flip(pipeline: sample_lib.Pipeline, *, t0s: Sequence[float] = DEFAUL
   return out
 
 
-def salience(pipeline: sample_lib.Pipeline, *, num: int = 64, size: int | None = None,
+def salience(pipeline: sample_lib.Pipeline, *, num: int = SALIENCE_SCENES, size: int | None = None,
              seed: int = 0) -> dict[str, dict[str, float]]:
   """How loud each attribute is to the diffusion loss: the mean squared L2 distance between a
   scene and its one-attribute-flipped twin, in pixels ([-1, 1]) and in the model's latents
@@ -171,12 +172,16 @@ def salience(pipeline: sample_lib.Pipeline, *, num: int = 64, size: int | None =
   pixels = lambda objects: np.stack(  # noqa: E731
       [shapes.render([o], size, size, "white") for o in objects]).astype(np.float32) / 127.5 - 1
   base = pixels(objs)
+  base_latents = encode(base)  # once, for every one-attribute twin
+  sq = lambda u, v: float(np.mean(np.sum((u - v) ** 2, axis=(1, 2, 3))))  # noqa: E731
   out = {}
   for name, objects in twins.items():
     x = pixels(objects)
-    a, b = (x[:num], x[num:]) if len(objects) == 2 * num else (base, x)
-    d_pixels = float(np.mean(np.sum((a - b) ** 2, axis=(1, 2, 3))))
-    d_latents = float(np.mean(np.sum((encode(a) - encode(b)) ** 2, axis=(1, 2, 3))))
+    z = encode(x)
+    if len(objects) == 2 * num:  # a pair of shapes, both drawn here
+      d_pixels, d_latents = sq(x[:num], x[num:]), sq(z[:num], z[num:])
+    else:
+      d_pixels, d_latents = sq(base, x), sq(base_latents, z)
     out[name] = {"pixels": d_pixels, "latents": d_latents,
                  "latents_per_pixel": d_latents / max(d_pixels, 1e-12)}
   return out
@@ -228,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   guidance = settings["cfg"] if args.cfg is None else args.cfg
   result = caption_flip(pipeline, t0s=t0s, num=args.num, steps=settings["steps"],
                         guidance=guidance, shift=settings["shift"], seed=args.seed)
-  result["salience"] = salience(pipeline, seed=args.seed)
+  result["salience"] = salience(pipeline, num=SALIENCE_SCENES, seed=args.seed)
   out = args.out or os.path.join(run_dir, "decision")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "decision.json"), "w") as f:
@@ -239,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     r = result[attribute]
     print(f"{attribute:8s} kept:      " + " ".join(f"{v:5.2f}" for v in r["kept"]))
     print(f"{attribute:8s} follows:   " + " ".join(f"{v:5.2f}" for v in r["follows_flip"]))
-  print("squared L2 between a scene and its one-attribute twin (mean of 64):")
+  print(f"squared L2 between a scene and its one-attribute twin (mean of {SALIENCE_SCENES}):")
   for name, r in result["salience"].items():
     print(f"  {name:22s} pixels {r['pixels']:8.1f}   latents {r['latents']:8.1f}   "
           f"ratio {r['latents_per_pixel']:.2f}")
