@@ -182,7 +182,8 @@ def command_help(name: str) -> str:
     default = "" if f.default in (None, "", [], False) else f" (default {f.default})"
     spelling = f"--{flag}" if f.flag_type() == "bool" else f"--{flag} VALUE"
     lines.append(f"  {spelling:24s} {text}{default}")
-  lines.append(f"  {'--config.KEY=VALUE':24s} override one setting of the experiment file")
+  lines.append(f"  {'--config.KEY=VALUE':24s} override one setting of the experiment file (without "
+               "--config: of the run's config.json)")
   lines.append(f"  {'-v':24s} show every library's log lines (quiet by default)")
   if c.examples:
     lines += ["", "examples:"] + [f"  {e}" for e in c.examples]
@@ -205,6 +206,10 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
   if path and not os.path.isfile(path.split(":", 1)[0]):
     raise UsageError(f"--config {path}: no such file {path.split(':', 1)[0]!r} (from "
                      f"{os.getcwd()}); give an experiment file, e.g. experiments/shapes.py.")
+  # Without --config, --config.KEY=VALUE overrides the run's own config.json (`sd3jax
+  # evaluate --workdir RUN --config.eval.seed=1`): config_flags only knows them with a file.
+  run_overrides = [] if path else [a for a in argv if a.startswith("--config.")]
+  argv = [a for a in argv if a not in run_overrides]
   try:
     rest = fv(list(argv))
   except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
@@ -214,11 +219,35 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
     raise UsageError(given + usage())
   name = rest[1]
   config = fv["config"].value
+  if run_overrides:
+    config = _run_config_with_overrides(fv["workdir"].value, run_overrides)
   if config is None and COMMANDS[name].needs_config:
     raise UsageError(f"sd3jax {name}: --config experiments/FILE.py is required.\n" + usage())
   if COMMANDS[name].needs_workdir and not fv["workdir"].value:
     raise UsageError(f"sd3jax {name}: --workdir DIR is required.")
   return name, config, fv["workdir"].value, list(rest[2:])
+
+
+def _run_config_with_overrides(workdir: str | None, overrides: Sequence[str]) -> ConfigDict:
+  """The run's config.json with `--config.KEY=VALUE` overrides applied (types kept)."""
+  import json
+  path = os.path.join(workdir or "", "config.json")
+  if workdir and not os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "job")):
+    path = os.path.join(workdir, "mmdit", "config.json")  # a job folder: its MM-DiT run
+  if not workdir or not os.path.isfile(path):
+    raise UsageError(f"{overrides[0].partition('=')[0]} needs --config experiments/FILE.py, "
+                     f"or a --workdir that holds a run's config.json (no {path}).")
+  with open(path) as f:
+    config = ConfigDict(json.load(f))
+  for item in overrides:
+    key, sep, value = item[len("--config."):].partition("=")
+    if not sep:
+      raise UsageError(f"{item}: write --config.KEY=VALUE.")
+    try:
+      config_lib.set_key(config, key, value)
+    except (config_lib.ConfigError, TypeError, ValueError) as e:
+      raise UsageError(f"--config.{key} on {path}: {e}") from e
+  return config
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -336,7 +365,9 @@ def _edit(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 @command("evaluate", "Validation loss (+ prompt following) of checkpoints into eval/*.json.",
          needs_config=False, flags=("step", "all_steps", "ema"),
          examples=("sd3jax evaluate --workdir runs/shapes",
-                   "sd3jax evaluate --workdir runs/shapes --all_steps"))
+                   "sd3jax evaluate --workdir runs/shapes --all_steps",
+                   "sd3jax evaluate --workdir runs/shapes --config.eval.prompts_per_category=200 "
+                   "--config.eval.seed=201   # 1,000 other prompts"))
 def _evaluate(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax.evals import run
   fv = flags.FLAGS
@@ -364,6 +395,8 @@ def _export(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 def _bench(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   from sd3jax import bench
   fv = flags.FLAGS
+  if fv["vs-diffusers"].value:
+    bench.share_accelerator_memory()
   steps = fv["steps"].value if fv["steps"].present else 10  # --steps is shared with sample
   bench.bench_main(config, steps=steps, vs_diffusers=fv["vs-diffusers"].value,
                    torch_compile=fv["torch-compile"].value)

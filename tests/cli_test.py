@@ -136,3 +136,39 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
   assert [r["step"] for r in metrics_lib.read_jsonl(str(path))] == [10, 20]
   assert metrics_lib.truncate_after(str(path), 20) == 0
   assert metrics_lib.truncate_after(str(tmp_path / "absent.jsonl"), 5) == 0
+
+
+def test_config_overrides_without_config_apply_to_the_runs_own_config(tmp_path):
+  """`sd3jax evaluate --workdir RUN --config.eval.seed=201`: the run's config.json, changed."""
+  from absl import flags
+  from sd3jax import cli
+  run = tmp_path / "run"
+  run.mkdir()
+  saved = config_lib.to_json(config_lib.complete(config_lib.load(SHAPES)))
+  (run / "config.json").write_text(json.dumps(saved))
+  parse = lambda *args: cli.parse(["sd3jax", "evaluate", *args], flags.FlagValues())
+  name, config, workdir, _ = parse("--workdir", str(run), "--config.eval.seed=201",
+                                   "--config.eval.prompts_per_category=7")
+  assert (name, workdir) == ("evaluate", str(run))
+  assert config.eval.seed == 201 and config.eval.prompts_per_category == 7
+  assert config.eval.sample_cfg == saved["eval"]["sample_cfg"]  # the rest is the run's
+  with pytest.raises(cli.UsageError, match="--config.eval.no_such_key on .*config.json"):
+    parse("--workdir", str(run), "--config.eval.no_such_key=1")
+  job = tmp_path / "job"  # a job folder (sd3jax run): its MM-DiT run's config
+  (job / "job").mkdir(parents=True)
+  (job / "mmdit").mkdir()
+  (job / "mmdit" / "config.json").write_text(json.dumps(saved))
+  assert parse("--workdir", str(job), "--config.eval.seed=5")[1].eval.seed == 5
+  with pytest.raises(cli.UsageError, match="--config.eval.seed needs --config experiments/FILE.py"):
+    parse("--workdir", str(tmp_path), "--config.eval.seed=1")
+
+
+def test_bench_lets_torch_share_the_accelerator_unless_the_user_chose(monkeypatch):
+  from sd3jax import bench
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "bfc")
+  monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+  bench.share_accelerator_memory()
+  assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] == "bfc"  # the user's setting stays
+  assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
