@@ -77,11 +77,39 @@ def _leaf_sums(x: jax.Array) -> jax.Array:
 _tree_sums = jax.jit(lambda arrays: [_leaf_sums(a) for a in arrays])
 
 
-def state_checksums(state: Any) -> dict[str, list[int]]:
-  """{leaf path: [sum, weighted sum]} of every array in `state` (computed on its devices)."""
+def _host_leaf_sums(x: Any) -> list[int]:
+  """`_leaf_sums` in NumPy on the host copy: the same words in the same row-major order."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  x = np.ascontiguousarray(jax.device_get(x)).reshape(-1)
+  if x.dtype == np.bool_:
+    words = x.astype(np.uint32)
+  else:
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+    words = x.view(unsigned).astype(np.uint32)
+  index = np.arange(words.size, dtype=np.uint32)
+  return [int(np.sum(words, dtype=np.uint32)),
+          int(np.sum(words * (index * np.uint32(2) + np.uint32(1)), dtype=np.uint32))]
+
+
+# Below this many bytes in one process, checksums are summed on the host: the jitted sums
+# of a state of hundreds of arrays take 6-8 s to compile on a CPU, per process and state
+# layout; NumPy sums a small state in milliseconds. Larger or multi-process states are
+# summed on their devices, where no array has to be gathered.
+HOST_CHECKSUM_MAX_BYTES = 256 << 20
+
+
+def state_checksums(state: Any, host_max_bytes: int | None = None) -> dict[str, list[int]]:
+  """{leaf path: [sum, weighted sum]} of every array in `state`: on the host for a small
+  single-process state (`host_max_bytes`, default HOST_CHECKSUM_MAX_BYTES), else on its
+  devices. Both give the same numbers."""
   leaves = [(jax.tree_util.keystr(path), leaf) for path, leaf in
             jax.tree_util.tree_leaves_with_path(state)
             if isinstance(leaf, (jax.Array, np.ndarray))]
+  limit = HOST_CHECKSUM_MAX_BYTES if host_max_bytes is None else host_max_bytes
+  total = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for _, leaf in leaves)
+  if jax.process_count() == 1 and total <= limit:
+    return {path: _host_leaf_sums(leaf) for path, leaf in leaves}
   sums = jax.device_get(_tree_sums([leaf for _, leaf in leaves]))
   return {path: [int(v) for v in np.asarray(s)] for (path, _), s in zip(leaves, sums)}
 

@@ -7,6 +7,12 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent XLA cache for the session, inherited by the subprocess tests: the CLI and
+# job tests compile the same small programs again in each process (a resumed run, a rerun).
+# Fresh per session, so no test depends on an earlier session's entries.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sd3jax_test_xla_cache_")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
