@@ -219,6 +219,9 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
     raise UsageError(given + usage())
   name = rest[1]
   config = fv["config"].value
+  if run_overrides and COMMANDS[name].needs_config:
+    raise UsageError(f"sd3jax {name}: --config experiments/FILE.py is required; the "
+                     f"--config.KEY=VALUE overrides apply to it.")
   if run_overrides:
     config = _run_config_with_overrides(fv["workdir"].value, run_overrides)
   if config is None and COMMANDS[name].needs_config:

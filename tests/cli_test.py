@@ -161,6 +161,9 @@ def test_config_overrides_without_config_apply_to_the_runs_own_config(tmp_path):
   assert parse("--workdir", str(job), "--config.eval.seed=5")[1].eval.seed == 5
   with pytest.raises(cli.UsageError, match="--config.eval.seed needs --config experiments/FILE.py"):
     parse("--workdir", str(tmp_path), "--config.eval.seed=1")
+  with pytest.raises(cli.UsageError, match="sd3jax run: --config experiments/FILE.py is required"):
+    cli.parse(["sd3jax", "run", "--workdir", str(job), "--config.total_steps=9"],
+              flags.FlagValues())
 
 
 def test_bench_lets_torch_share_the_accelerator_unless_the_user_chose(monkeypatch):
