@@ -232,16 +232,15 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues | None = None
 
 
 def _run_config_with_overrides(workdir: str | None, overrides: Sequence[str]) -> ConfigDict:
-  """The run's config.json with `--config.KEY=VALUE` overrides applied (types kept)."""
-  import json
-  path = os.path.join(workdir or "", "config.json")
-  if workdir and not os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "job")):
-    path = os.path.join(workdir, "mmdit", "config.json")  # a job folder: its MM-DiT run
-  if not workdir or not os.path.isfile(path):
+  """The run's own config (sample.run_config of the run behind `workdir`) with
+  `--config.KEY=VALUE` overrides applied (types kept)."""
+  from sd3jax import sample
+  try:
+    run_dir = sample.resolve_run_dir(workdir)
+  except (FileNotFoundError, NotADirectoryError) as e:
     raise UsageError(f"{overrides[0].partition('=')[0]} needs --config experiments/FILE.py, "
-                     f"or a --workdir that holds a run's config.json (no {path}).")
-  with open(path) as f:
-    config = ConfigDict(json.load(f))
+                     f"or a --workdir with a run: {e}") from e
+  config = sample.run_config(None, run_dir)
   for item in overrides:
     key, sep, value = item[len("--config."):].partition("=")
     if not sep:
@@ -249,7 +248,7 @@ def _run_config_with_overrides(workdir: str | None, overrides: Sequence[str]) ->
     try:
       config_lib.set_key(config, key, value)
     except (config_lib.ConfigError, TypeError, ValueError) as e:
-      raise UsageError(f"--config.{key} on {path}: {e}") from e
+      raise UsageError(f"--config.{key} on {run_dir}/config.json: {e}") from e
   return config
 
 

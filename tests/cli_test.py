@@ -143,7 +143,7 @@ def test_config_overrides_without_config_apply_to_the_runs_own_config(tmp_path):
   from absl import flags
   from sd3jax import cli
   run = tmp_path / "run"
-  run.mkdir()
+  (run / "checkpoints" / "1").mkdir(parents=True)  # a run with a checkpoint to evaluate
   saved = config_lib.to_json(config_lib.complete(config_lib.load(SHAPES)))
   (run / "config.json").write_text(json.dumps(saved))
   parse = lambda *args: cli.parse(["sd3jax", "evaluate", *args], flags.FlagValues())
@@ -156,7 +156,7 @@ def test_config_overrides_without_config_apply_to_the_runs_own_config(tmp_path):
     parse("--workdir", str(run), "--config.eval.no_such_key=1")
   job = tmp_path / "job"  # a job folder (sd3jax run): its MM-DiT run's config
   (job / "job").mkdir(parents=True)
-  (job / "mmdit").mkdir()
+  (job / "mmdit" / "checkpoints" / "1").mkdir(parents=True)
   (job / "mmdit" / "config.json").write_text(json.dumps(saved))
   assert parse("--workdir", str(job), "--config.eval.seed=5")[1].eval.seed == 5
   with pytest.raises(cli.UsageError, match="--config.eval.seed needs --config experiments/FILE.py"):
