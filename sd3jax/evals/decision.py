@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   guidance = settings["cfg"] if args.cfg is None else args.cfg
   result = caption_flip(pipeline, t0s=t0s, num=args.num, steps=settings["steps"],
                         guidance=guidance, shift=settings["shift"], seed=args.seed)
-  result["salience"] = salience(pipeline, num=SALIENCE_SCENES, seed=args.seed)
+  result["salience"] = salience(pipeline, seed=args.seed)
   out = args.out or os.path.join(run_dir, "decision")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "decision.json"), "w") as f:
