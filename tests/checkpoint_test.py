@@ -10,12 +10,15 @@ import time
 import jax
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from sd3jax import checkpoint as ckpt_lib
 from sd3jax import config as config_lib
 from sd3jax import metrics as metrics_lib
 from sd3jax import optim, parallel, train
 from sd3jax.models import mmdit
+
+import subprocess_env
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "experiments", "tiny.py")
@@ -112,22 +115,26 @@ def test_unreadable_only_checkpoint_is_an_error_not_a_fresh_start(run, tmp_path)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "0"))
 
 
-def flip_bytes(checkpoints: str, step: int, count: int = 64) -> str:
-  """Inverts `count` bytes in the middle of the step's largest array file (same size)."""
-  files = [f for f in glob.glob(os.path.join(checkpoints, str(step), "state", "**", "d", "*"),
-                                recursive=True) if os.path.isfile(f)]
-  path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    data = bytearray(f.read())
-    middle = len(data) // 2
-    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
-    f.seek(0)
-    f.write(data)
-  return path
+def flip_a_bit(checkpoints: str, step: int) -> str:
+  """Flips one bit in the middle of the step's largest array, written back through
+  TensorStore: the files still decompress and decode, only the content is wrong, as after
+  silent corruption. (Flipping bytes of the files instead hits zstd-compressed chunks in
+  some layouts, which fail to decode before any checksum is read.) Returns the array's key."""
+  base = "file://" + os.path.abspath(os.path.join(checkpoints, str(step), "state")) + "/"
+  keys = ts.KvStore.open({"driver": "ocdbt", "base": base}).result().list().result()
+  names = [k.decode()[:-len("/.zarray")] for k in keys if k.endswith(b"/.zarray")]
+  stores = {n: ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base,
+                                                       "path": n + "/"}}).result()
+            for n in names}
+  name = max(names, key=lambda n: stores[n].size)
+  values = np.ascontiguousarray(stores[name].read().result())
+  values.reshape(-1).view(np.uint8)[values.nbytes // 2] ^= 0x10
+  stores[name].write(values).result()
+  return name
 
 
 def test_bit_flipped_step_fails_its_checksums_and_an_older_step_is_used(run, tmp_path, caplog):
-  """Flipped bytes in the two newest of three kept steps: the run resumes from the oldest,
+  """A flipped bit in each of the two newest of three kept steps: the run resumes from the oldest,
   retraces the rest exactly, and the bad steps are moved aside."""
   source, straight = run
   workdir = str(tmp_path / "run")
@@ -136,7 +143,7 @@ def test_bit_flipped_step_fails_its_checksums_and_an_older_step_is_used(run, tmp
   checkpoints = os.path.join(workdir, "checkpoints")
   assert sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) == [3, 6, 9]
   for step in (9, 6):
-    flip_bytes(checkpoints, step)
+    flip_a_bit(checkpoints, step)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           straight.state)
   with pytest.raises(ckpt_lib.ChecksumMismatch, match="content checksum mismatch"):
@@ -157,7 +164,7 @@ def test_every_step_unreadable_lists_each_step_in_a_short_message(run, tmp_path)
   workdir = str(tmp_path / "run")
   shutil.copytree(source, workdir)
   checkpoints = os.path.join(workdir, "checkpoints")
-  flip_bytes(checkpoints, 6)
+  flip_a_bit(checkpoints, 6)
   truncate_latest_of = lambda step: [open(f, "r+b").truncate(3) for f in glob.glob(
       os.path.join(checkpoints, str(step), "state", "**", "d", "*"), recursive=True)
       if os.path.isfile(f)]
@@ -204,10 +211,7 @@ def test_keep_last_n_and_every_mth(tmp_path):
 
 
 def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return subprocess_env.env(devices=8)
 
 
 def _sd3jax(*args):

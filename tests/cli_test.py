@@ -15,15 +15,16 @@ from sd3jax import config as config_lib
 from sd3jax import metrics as metrics_lib
 from sd3jax import sample
 
+import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
 TINY = os.path.join(ROOT, "experiments", "tiny.py")
 
 
 def _cli(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.run([sys.executable, "-m", "sd3jax.cli", *args], capture_output=True,
-                        text=True, env=env, cwd=cwd, timeout=300)
+                        text=True, env=subprocess_env.env(), cwd=cwd, timeout=300)
 
 
 @pytest.mark.parametrize("command,flag,example", [

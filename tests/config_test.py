@@ -11,6 +11,8 @@ from sd3jax import cli
 from sd3jax import config as config_lib
 from sd3jax import train
 
+import subprocess_env
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "experiments", "tiny.py")
 
@@ -100,7 +102,7 @@ def test_tensor_axis_must_divide_the_heads(no_compiling):
 
 
 def test_bad_config_on_the_command_line_exits_2_with_the_message(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = subprocess_env.env(devices=8)
   for override, message in (("--config.batch_size=12", "config.batch_size=12 is not divisible"),
                             ("--config.optimzer.eps=1",
                              "Unknown config key 'config.optimzer.eps'")):

@@ -1,9 +1,12 @@
-"""Test setup: 8 fake CPU devices, so sharding is tested on a real (simulated) mesh."""
+"""Test setup: 8 fake CPU devices, so sharding is tested on a real (simulated) mesh, and
+XLA's quick code generation (tests/subprocess_env.py says why)."""
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import subprocess_env
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " " + subprocess_env.xla_flags(devices=8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -18,6 +18,8 @@ from sd3jax.data.producer import open_source, source_identity
 from sd3jax.dedup import cluster, copy_net, descriptors, embed, filter as filter_lib
 from sd3jax.dedup import shapes_duplicates
 
+import subprocess_env
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -188,9 +190,8 @@ def test_descriptor_spec_errors(tmp_path):
 
 
 def _cli(*args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run([sys.executable, "-m", "sd3jax.cli", *args], capture_output=True,
-                        text=True, cwd=ROOT, env=env, timeout=300)
+                        text=True, cwd=ROOT, env=subprocess_env.env(), timeout=300)
 
 
 def test_cli_dedup_embed_and_cluster_and_usage_errors(dup_records, tmp_path):
@@ -213,7 +214,7 @@ def test_real_two_process_embed_equals_one_process(dup_records, tmp_path):
   import multihost_test
   cfg = copy_net.CopyNetConfig(size=32, widths=(8, 16, 16), hidden=32, dims=16)
   model = copy_net.CopyNet(cfg)
-  params = model.init(jax.random.key(1), np.zeros((1, 32, 32, 3), np.float32))["params"]
+  params = jax.jit(model.init)(jax.random.key(1), np.zeros((1, 32, 32, 3), np.float32))["params"]
   net = str(tmp_path / "net")
   copy_net.save(net, params, cfg, {})
   paths = {}

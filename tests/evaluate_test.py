@@ -26,6 +26,8 @@ from sd3jax.evals import validation
 from sd3jax.interop import diffusers_vae
 from sd3jax.models import vae as vae_lib
 
+import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP_L, CLIP_G, T5_WIDTH, T5_TOKENS = 16, 16, 64, 8
 SIZE, STEPS, GUIDANCE, SHIFT = 32, 3, 5.0, 3.0  # f8 VAE, patch 2: 4x4 latents, 4 image tokens.
@@ -259,9 +261,8 @@ def test_cli_parse_config_optional_only_where_declared():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.run([sys.executable, "-m", "sd3jax.cli", *args], capture_output=True,
-                        text=True, env=env, cwd=ROOT, timeout=300)
+                        text=True, env=subprocess_env.env(), cwd=ROOT, timeout=300)
 
 
 def test_sample_cli_from_workdir_writes_pngs_and_grid(run, tmp_path):

@@ -15,6 +15,8 @@ from ml_collections import ConfigDict
 from sd3jax import config as config_lib
 from sd3jax import job
 
+import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "shapes.py") + ":smoke"
 
@@ -25,9 +27,7 @@ def _cmd(workdir, *extra):
 
 
 def _env():
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as on the command line
-  return env
+  return subprocess_env.env(PYTHONUNBUFFERED="1")  # one CPU device, as on the command line
 
 
 def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):

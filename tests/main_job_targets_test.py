@@ -28,7 +28,7 @@ def test_default_job_follows_prompts(tmp_path):
   if not workdir:
     workdir = str(tmp_path / "shapes")
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as on the command line
+    env.pop("XLA_FLAGS", None)  # one CPU device and XLA's defaults, as on the command line
     config = os.environ.get("SD3JAX_MAIN_JOB_CONFIG", "experiments/shapes.py")
     proc = subprocess.run([sys.executable, "-m", "sd3jax.cli", "run", "--config",
                            os.path.join(ROOT, config), "--workdir", workdir],

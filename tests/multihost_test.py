@@ -22,6 +22,8 @@ from sd3jax import distributed
 from sd3jax import metrics as metrics_lib
 from sd3jax import train
 
+import subprocess_env
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 EXPERIMENT = os.path.join(ROOT, "experiments", "tiny.py")
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
@@ -29,9 +31,7 @@ TIMEOUT_S = 400
 
 
 def _env():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return subprocess_env.env()  # launch/local.sh adds the device count
 
 
 def _command(processes: int, workdir: str, logs: str, cache: str, *flags: str) -> list[str]:
