@@ -180,19 +180,20 @@ def test_search_fewest_microbatches_logic():
 
 def test_search_tiny_model_on_v5p():
   """`sd3jax compile --search` for real: the tiny MM-DiT in bf16 on v5p:2x2x1, both kernels
-  (at the default matmul precision: Mosaic does not compile bf16 at "highest")."""
+  (at the default matmul precision: Mosaic does not compile bf16 at "highest"); one remat
+  policy, as the search over policies is tested above without compiling."""
   from sd3jax import compile as compile_lib
   config = _tiny_experiment()
   config.model.dtype = "bfloat16"
   with jax.default_matmul_precision("default"):
-    r = compile_lib.search(config, TOPOLOGY, remats=("none", "full"), verbose=False)
+    r = compile_lib.search(config, TOPOLOGY, remats=("none",), verbose=False)
   assert [(x["attention_impl"], x["remat_policy"]) for x in r["rows"]] == [
-      ("splash", "none"), ("splash", "full"), ("xla", "none"), ("xla", "full")]
+      ("splash", "none"), ("xla", "none")]
   for row in r["rows"]:
     assert row["fits"] and row["microbatches"] == 1 and row["num_devices"] == 4
     assert row["cost_model_seconds"] > 0 and row["step_seconds"] > 0
   splash = r["rows"][0]
-  assert splash["kernel_flops"] > 0 and r["rows"][2]["kernel_flops"] == 0
+  assert splash["kernel_flops"] > 0 and r["rows"][1]["kernel_flops"] == 0
   assert r["command"].startswith("--config.model.attention_impl=")
 
 

@@ -47,9 +47,12 @@ def test_splash_in_the_model_sharded_equals_unsharded():
   t = jnp.linspace(0.1, 0.9, b)
   ctx = jnp.asarray(rng.standard_normal((b, length, 32)), jnp.float32)
   pooled = jnp.asarray(rng.standard_normal((b, 16)), jnp.float32)
-  params = nn.unbox(mmdit.init_params(cfg, jax.random.key(0), (hw, hw), length))
-  keys = iter(jax.random.split(jax.random.key(1), 1000))  # adaLN-Zero starts at 0: perturb
-  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape), params)
+  @jax.jit
+  def init(init_key, noise_key):
+    params = nn.unbox(mmdit.init_params(cfg, init_key, (hw, hw), length))
+    keys = iter(jax.random.split(noise_key, 1000))  # adaLN-Zero starts at 0: perturb
+    return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape), params)
+  params = init(jax.random.key(0), jax.random.key(1))
 
   def run(impl, mesh=None):
     model = mmdit.MMDiT(cfg.replace(attention_impl=impl))

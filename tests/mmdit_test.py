@@ -151,11 +151,11 @@ def _tiny_cfg(**kw):
 
 
 def _random_params(cfg, seed=0):
-  """Init, then randomise everything (zero-initialised layers would hide bugs)."""
-  params = nn.unbox(mmdit.init_params(cfg, jax.random.key(seed)))
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return tree.unflatten([0.1 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  """Every parameter random, N(0, 0.1^2) (zero-initialised layers would hide bugs). Drawn in
+  NumPy on the init's abstract shapes: JAX's initialisers would each be an XLA compile."""
+  shapes = jax.eval_shape(lambda r: nn.unbox(mmdit.init_params(cfg, r)), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 def _loss_and_grad(cfg, params, batch):
@@ -190,7 +190,8 @@ def test_sharded_forward_backward_equals_single_device(mesh_shape, rules):
   l0, g0 = _loss_and_grad(cfg, params, batch)
 
   mesh = parallel.make_mesh(mesh_shape)
-  specs = nn.get_partition_spec(mmdit.init_params(cfg, jax.random.key(0)))
+  specs = nn.get_partition_spec(jax.eval_shape(lambda r: mmdit.init_params(cfg, r),
+                                                jax.random.key(0)))
   shardings = parallel.logical_to_sharding(specs, mesh, rules)
   sharded = jax.device_put(params, shardings)
   batch = tuple(jax.device_put(a, parallel.batch_sharding(mesh, a.ndim)) for a in batch)
@@ -225,7 +226,7 @@ def test_bfloat16_compute_close_to_float32():
 
 def test_zero_init_output_for_training_from_scratch():
   cfg = _tiny_cfg()
-  params = nn.unbox(mmdit.init_params(cfg, jax.random.key(0)))
+  params = jax.jit(lambda r: nn.unbox(mmdit.init_params(cfg, r)))(jax.random.key(0))
   out = mmdit.MMDiT(cfg).apply({"params": params}, *_inputs(np.random.default_rng(4), 2, 8, 8, 5))
   assert np.all(np.asarray(out) == 0.0)           # adaLN-Zero: proj_out and modulations start at 0
   assert np.all(np.asarray(params["blocks_0"]["img_mod"]["kernel"]) == 0.0)

@@ -135,12 +135,13 @@ def test_resume_is_exact_and_disc_waits_for_disc_start(straight, data_dir, tmp_p
   assert first.step == 3
 
   # Before disc_start the discriminator never saw a gradient: its Adam moments are exactly
-  # zero and its params are its initial values (eager init here vs jitted init in the
-  # trainer may differ in the last bit, hence atol).
+  # zero and its params are its initial values (init alone here vs init within the whole
+  # state in the trainer may be compiled differently in the last bit, hence atol).
   config = config_lib.validate(tiny_vae(data_dir), 2)
   mesh = train.make_mesh(config, DEVICES)
   task = tasks.vae_task(config, mesh, workdir)
-  init = nn.unbox(task.init_params(jax.random.split(jax.random.PRNGKey(config.seed))[0]))
+  init = jax.jit(lambda r: nn.unbox(task.init_params(r)))(
+      jax.random.split(jax.random.PRNGKey(config.seed))[0])
   disc_adam = first.state.opt_state.inner_state.inner_states["disc"].inner_state[-1][0]
   assert all(not np.any(x) for x in leaves((disc_adam.mu, disc_adam.nu)))
   for x, y in zip(leaves(first.state.params["disc"]), leaves(init["disc"]), strict=True):
@@ -269,7 +270,7 @@ def test_zero_init_makes_every_residual_block_the_identity():
   vae.init_logvar sets the encoder's log-variance outputs."""
   from sd3jax.models import vae as vae_lib
   model = vae_lib.AutoencoderKL(vae_lib.vae_config(4, width=8, channel_mult=(1, 2, 4)))
-  params = nn.unbox(model.init_params(jax.random.key(0), 16))
+  params = jax.jit(lambda r: nn.unbox(model.init_params(r, 16)))(jax.random.key(0))
   zeroed = tasks.zero_residual_branches(params)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   flat_zeroed = dict(jax.tree_util.tree_flatten_with_path(zeroed)[0])
@@ -284,7 +285,7 @@ def test_zero_init_makes_every_residual_block_the_identity():
   assert changed == 2 * (3 + 2 + 3 * 2 + 2) + 2 * 2  # conv2 kernel+bias per block; attn x2
   block = vae_lib.ResnetBlock(8, 2)
   x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
-  p = tasks.zero_residual_branches(nn.unbox(block.init(jax.random.key(2), x))["params"])
+  p = tasks.zero_residual_branches(nn.unbox(jax.jit(block.init)(jax.random.key(2), x))["params"])
   np.testing.assert_array_equal(np.asarray(block.apply({"params": p}, x)), np.asarray(x))
   with_logvar = tasks.with_initial_logvar(zeroed, -6.0)
   bias = np.asarray(with_logvar["encoder"]["conv_out"]["bias"])
