@@ -115,11 +115,11 @@ def test_unreadable_only_checkpoint_is_an_error_not_a_fresh_start(run, tmp_path)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "0"))
 
 
-def flip_a_bit(checkpoints: str, step: int) -> str:
+def flip_a_bit(checkpoints: str, step: int) -> None:
   """Flips one bit in the middle of the step's largest array, written back through
   TensorStore: the files still decompress and decode, only the content is wrong, as after
   silent corruption. (Flipping bytes of the files instead hits zstd-compressed chunks in
-  some layouts, which fail to decode before any checksum is read.) Returns the array's key."""
+  some layouts, which fail to decode before any checksum is read.)"""
   base = "file://" + os.path.abspath(os.path.join(checkpoints, str(step), "state")) + "/"
   keys = ts.KvStore.open({"driver": "ocdbt", "base": base}).result().list().result()
   names = [k.decode()[:-len("/.zarray")] for k in keys if k.endswith(b"/.zarray")]
@@ -130,7 +130,6 @@ def flip_a_bit(checkpoints: str, step: int) -> str:
   values = np.ascontiguousarray(stores[name].read().result())
   values.reshape(-1).view(np.uint8)[values.nbytes // 2] ^= 0x10
   stores[name].write(values).result()
-  return name
 
 
 def test_bit_flipped_step_fails_its_checksums_and_an_older_step_is_used(run, tmp_path, caplog):

@@ -4,9 +4,12 @@ import os
 
 import subprocess_env
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " " + subprocess_env.xla_flags(devices=8)).strip()
+# Each flag unless already set (by the user, or by the pytest-xdist controller's conftest).
+_flags = os.environ.get("XLA_FLAGS", "")
+for _flag in subprocess_env.xla_flags(devices=8).split():
+  if _flag.partition("=")[0] not in _flags:
+    _flags += " " + _flag
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

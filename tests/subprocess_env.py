@@ -1,8 +1,8 @@
 """XLA settings for the tests, and the environment of tests that start sd3jax in a subprocess.
 
 The tests compile hundreds of small programs and run few of them for long, so LLVM's
-optimisation passes cost more than they save: at level 0 a CPU compile of random init takes
-a third of the time, and tests/vae_train_test.py runs in 60% of the time. Numerics are
+optimisation passes cost more than they save: at level 0 a CPU compile of a random
+initialiser takes a third of the time, and the VAE trainer tests run in about 60% of it. Numerics are
 unchanged up to rounding, and every comparison in the tests is between programs compiled
 the same way (or within a stated tolerance of a PyTorch reference).
 """
