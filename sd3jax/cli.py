@@ -141,8 +141,13 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   # dedup (sd3jax.dedup).
   flags.DEFINE_string("descriptor", None, "dedup: a CopyNet folder (dedup train / demo), "
                       "sscd:FILE, thumbnail, or FILE.py:factory.", flag_values=flag_values)
-  flags.DEFINE_float("threshold", None, "dedup: copy threshold, cosine similarity (default: "
-                     "the one measured for the descriptor).", flag_values=flag_values)
+  flags.DEFINE_float("threshold", None, "dedup: copy threshold, cosine similarity, normalised "
+                     "when the descriptor has a background (default: the one measured for the "
+                     "descriptor).", flag_values=flag_values)
+  flags.DEFINE_string("background", None, "dedup cluster: descriptors (dedup embed, same "
+                      "descriptor) of images that are not copies of the source: scores are "
+                      "normalised against them, as SSCD's (default: the descriptor's own, if "
+                      "any).", flag_values=flag_values)
   flags.DEFINE_string("source", None, "dedup cluster: the embedded source (for the keep rule "
                       "and the pairs grid).", flag_values=flag_values)
   flags.DEFINE_string("embeddings", None, "dedup memorisation: descriptors of the run's "
@@ -465,8 +470,8 @@ def _ingest(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 @command("dedup", "Near-duplicate removal and memorisation checks with copy-detection "
          "descriptors: embed, cluster, train, memorisation, demo.",
          needs_workdir=False, needs_config=False,
-         flags=("descriptor", "threshold", "source", "storage_dtype", "part_size", "neighbours",
-                "workdir",
+         flags=("descriptor", "threshold", "background", "source", "storage_dtype", "part_size",
+                "neighbours", "workdir",
                 "embeddings", "num", "steps", "seed", "coordinator_address", "num_processes",
                 "process_id"),
          examples=(
@@ -480,7 +485,7 @@ def _ingest(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 def _dedup(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   import json as json_lib
   usage_text = ("usage: sd3jax dedup embed SOURCE OUT --descriptor D | cluster DESCRIPTORS OUT "
-                "[--source SOURCE] [--threshold T] | train SOURCE OUT | memorisation --workdir "
+                "[--source SOURCE] [--threshold T] [--background BG] | train SOURCE OUT | memorisation --workdir "
                 "RUN --descriptor D | demo OUT")
   sub, rest = (args[0], list(args[1:])) if args else ("", [])
   want = {"embed": 2, "cluster": 2, "train": 2, "memorisation": 0, "demo": 1}
@@ -502,7 +507,8 @@ def _dedup_run(sub: str, rest: list[str], config, workdir, fv) -> dict:
   elif sub == "cluster":
     from sd3jax.dedup import cluster
     result = cluster.cluster(rest[0], rest[1], threshold=fv.threshold, k=fv.neighbours,
-                             source=open_source(fv.source) if fv.source else None)
+                             source=open_source(fv.source) if fv.source else None,
+                             background=fv.background)
   elif sub == "train":
     from sd3jax.dedup import copy_net
     result = copy_net.train_on_source(open_source(rest[0]), rest[1], seed=fv.seed)

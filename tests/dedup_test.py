@@ -4,6 +4,7 @@ The quality numbers (precision / recall on injected copies, throughput) come fro
 `sd3jax dedup demo` and `python -m sd3jax.dedup.bench`, reported in the README; these tests
 check the machinery on small sets.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from sd3jax.data import pipeline, records
 from sd3jax.data.producer import open_source, source_identity
 from sd3jax.dedup import cluster, copy_net, descriptors, embed, filter as filter_lib
-from sd3jax.dedup import shapes_duplicates
+from sd3jax.dedup import score_norm, shapes_duplicates
 
 import subprocess_env
 
@@ -103,6 +104,116 @@ def test_exact_and_ivf_pq_search_find_planted_copies():
     scores = cluster.pair_scores(cluster.components(len(x), i, j), truth)
     assert scores["precision"] == 1.0 and scores["recall"] == 1.0, (info, scores)
   assert info["type"].startswith("IVF16,PQ16")
+
+
+def _dense_and_sparse(seed=0, d=32):
+  """Distinct near-identical images in a dense region (pairwise ~0.95) and edited copies in a
+  sparse one (~0.92): no raw threshold separates them; the background (dense where the data
+  is dense) does."""
+  rng = np.random.default_rng(seed)
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+  centre = unit(rng.normal(size=d))
+  dense = unit(centre + 0.2 * unit(rng.normal(size=(40, d))))     # 40 distinct images
+  originals = unit(rng.normal(size=(20, d)))
+  copies = unit(originals + 0.4 * unit(rng.normal(size=(20, d))))
+  x = np.concatenate([dense, originals, copies]).astype(np.float32)
+  truth = np.concatenate([np.arange(40), 40 + np.arange(20), 40 + np.arange(20)])
+  background = np.concatenate([unit(centre + 0.2 * unit(rng.normal(size=(200, d)))),
+                               unit(rng.normal(size=(200, d)))]).astype(np.float32)
+  return x, truth, background
+
+
+def test_score_normalisation_separates_dense_distinct_images_from_sparse_copies():
+  x, truth, background = _dense_and_sparse()
+  ids, sims, _ = cluster.neighbours(x, 5, progress=False)
+  raw = cluster.pr_curve(ids, sims, truth, np.arange(0.5, 1.0, 0.005))
+  assert not any(r["precision"] == 1.0 and r["recall"] == 1.0 for r in raw)
+  norm = score_norm.settings(background)
+  assert norm == {"beta": 1.0, "neighbours": 10, "background_size": 400}
+  n = score_norm.background_similarity(x, background, norm["neighbours"])
+  brute = np.sort(x @ background.T, axis=1)[:, -10:].mean(1)
+  np.testing.assert_allclose(n, brute, atol=1e-5)
+  normalised = score_norm.normalise(ids, sims, n)
+  np.testing.assert_allclose(normalised[ids >= 0],
+                             (sims - 0.5 * (n[:, None] + n[ids]))[ids >= 0], atol=1e-6)
+  i, j, _ = cluster.pairs_at(ids, normalised, 0.3)
+  scores = cluster.pair_scores(cluster.components(len(x), i, j), truth)
+  assert scores["precision"] == 1.0 and scores["recall"] == 1.0, scores
+  with pytest.raises(ValueError, match="holds 400 descriptors"):
+    score_norm.settings(background, neighbours=401)
+
+
+def test_a_copy_net_carries_its_background_through_embed_and_cluster(dup_records, tmp_path):
+  cfg = copy_net.CopyNetConfig(size=32, widths=(8, 16), hidden=32, dims=16)
+  images = np.stack([s["image"] for s in shapes_duplicates.unique_scenes(48, seed=1,
+                                                                          height=32, width=32)])
+  params, _ = copy_net.train(images, config=cfg, steps=2, batch=16, mine_every=0,
+                             progress=False)
+  background = copy_net._embed_pool(copy_net.CopyNet(cfg), params, images)
+  norm = score_norm.settings(background)
+  cal = copy_net.calibrate(copy_net.CopyNet(cfg), params, images[:16], 0, background, norm)
+  net = str(tmp_path / "net")
+  copy_net.save(net, params, cfg, {"score_norm": norm, **cal}, background)
+  desc = descriptors.load_descriptor(net)
+  assert desc.score_norm == norm and desc.background.shape == (48, 16)
+  assert desc.info()["score_norm"] == norm
+  src = open_source(dup_records)
+  res = embed.embed(src, str(tmp_path / "emb"), desc, part_size=64, per_device_batch=4,
+                    progress=False)
+  np.testing.assert_allclose(score_norm.load_background(res["path"]), background, atol=2e-3)
+  report = cluster.cluster(res["path"], str(tmp_path / "f"), source=src, plots=False,
+                           progress=False)
+  assert report["score_norm"] == norm and report["threshold"] == cal["threshold"]
+  # The scores it thresholds are the normalised ones.
+  x, _ = embed.load_descriptors(res["path"])
+  ids, sims, _ = cluster.neighbours(x, 10, progress=False)
+  expect = score_norm.normalise(ids, sims, score_norm.background_similarity(
+      x, score_norm.load_background(res["path"]), 10))
+  assert report["num_pairs"] == len(cluster.pairs_at(ids, expect, cal["threshold"])[0])
+  # Without its background the threshold means nothing: refused, naming the file.
+  os.remove(os.path.join(res["path"], score_norm.BACKGROUND_FILE))
+  with pytest.raises(FileNotFoundError, match="background.npy is missing"):
+    cluster.cluster(res["path"], str(tmp_path / "f2"), progress=False)
+  os.remove(os.path.join(net, score_norm.BACKGROUND_FILE))
+  with pytest.raises(FileNotFoundError, match="background.npy is missing"):
+    descriptors.load_descriptor(net)
+
+
+def test_memorisation_scores_nearest_training_images_with_the_descriptor_background():
+  from sd3jax.dedup import memorisation
+  x, _, background = _dense_and_sparse()
+  desc = dataclasses.replace(descriptors.thumbnail(), background=background,
+                             score_norm=score_norm.settings(background))
+  train_x, queries = x[:60], x[60:]  # the copies query their originals among the rest
+  nearest = memorisation._Nearest(train_x, desc)
+  scores, ids = nearest(queries)
+  n_train = score_norm.background_similarity(train_x, background, 10)
+  n_query = score_norm.background_similarity(queries, background, 10)
+  brute = queries @ train_x.T - 0.5 * (n_query[:, None] + n_train[None, :])
+  assert ids.tolist() == brute.argmax(1).tolist() == list(range(40, 60))
+  np.testing.assert_allclose(scores, brute.max(1), atol=1e-5)
+  np.testing.assert_allclose(nearest.score(queries, np.arange(40, 60)), brute.max(1),
+                             atol=1e-5)
+  raw = memorisation._Nearest(train_x, descriptors.thumbnail())  # no background: similarity
+  np.testing.assert_allclose(raw(queries)[0], (queries @ train_x.T).max(1), atol=1e-5)
+
+
+def test_cluster_with_a_background_of_another_descriptor_is_refused(dup_records, tmp_path):
+  src = open_source(dup_records)
+  raw_threshold = dataclasses.replace(descriptors.thumbnail(), threshold=0.9)
+  mine = embed.embed(src, str(tmp_path / "a"), raw_threshold, part_size=64,
+                     per_device_batch=4, progress=False)
+  other = embed.embed(src, str(tmp_path / "b"), descriptors.thumbnail(cells=8), part_size=64,
+                      per_device_batch=4, progress=False)
+  with pytest.raises(ValueError, match="embed the background images with the same"):
+    cluster.cluster(mine["path"], str(tmp_path / "f"), threshold=0.5,
+                    background=other["path"], progress=False)
+  with pytest.raises(ValueError, match="give --threshold on normalised scores"):
+    cluster.cluster(mine["path"], str(tmp_path / "f"), background=mine["path"],
+                    progress=False)
+  report = cluster.cluster(mine["path"], str(tmp_path / "f"), threshold=0.2,
+                           background=mine["path"], plots=False, progress=False)
+  assert report["score_norm"] == {"beta": 1.0, "neighbours": 10, "background_size": len(src)}
 
 
 def test_cluster_writes_filter_that_precompute_and_pipelines_honour(dup_records, tmp_path):
@@ -204,6 +315,8 @@ def test_cli_dedup_embed_and_cluster_and_usage_errors(dup_records, tmp_path):
            "--threshold", "0.99")
   assert r.returncode == 0, r.stderr[-2000:]
   assert os.path.exists(tmp_path / "f" / "filter.json")
+  r = _cli("dedup", "cluster", path, str(tmp_path / "g"), "--background", path)
+  assert r.returncode == 2 and "give --threshold on normalised scores" in r.stderr
   r = _cli("dedup", "frobnicate")
   assert r.returncode == 2 and "usage: sd3jax dedup embed" in r.stderr
 

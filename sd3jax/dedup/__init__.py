@@ -2,6 +2,7 @@
 
   descriptors        what --descriptor names: CopyNet (copy_net.py), SSCD, thumbnail, a factory
   embed              descriptors of a source, sharded over processes and devices, resumable
+  score_norm         SSCD's score normalisation against a background of non-copies
   cluster            faiss kNN -> pairs above the threshold -> clusters -> filter + report
   filter             the filter folder, and FilteredSource (what precompute / pipelines read)
   memorisation       generations of a run against its training images

@@ -8,6 +8,8 @@ threshold, join pairs into clusters, keep one image per cluster.
      IVF-PQ index above (coarse quantiser + product-quantised codes, `nprobe` lists
      searched). Candidates are rescored with exact dot products, so the threshold applies
      to true similarities whichever index proposed them.
+     With a background (score_norm.py), each similarity is normalised first: minus how
+     close the two images are to images that are not their copies.
   2. Pairs at or above the threshold are the edges of a graph; its connected components
      (scipy.sparse.csgraph, the union-find result) are the clusters.
   3. Kept per cluster: the largest image (pixel area), then the lowest index: deterministic.
@@ -25,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sd3jax.dedup import filter as filter_lib
+from sd3jax.dedup import score_norm
 from sd3jax.dedup.embed import load_descriptors
 from sd3jax.dedup import DedupError
 
@@ -134,7 +137,8 @@ def _images(source, indices: Sequence[int], size: int = 96) -> list[np.ndarray]:
   return [prepare(source[int(i)]["image"], size) for i in indices]
 
 
-def plot_histogram(path: str, nearest: np.ndarray, threshold: float, title: str) -> None:
+def plot_histogram(path: str, nearest: np.ndarray, threshold: float, title: str,
+                   score: str = "similarity") -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -142,7 +146,7 @@ def plot_histogram(path: str, nearest: np.ndarray, threshold: float, title: str)
   ax.hist(nearest[np.isfinite(nearest)], bins=100, color="#4c72b0")
   ax.axvline(threshold, color="#c44e52", ls="--", label=f"threshold {threshold:.3f}")
   ax.set_yscale("log")
-  ax.set_xlabel("similarity to the nearest other image")
+  ax.set_xlabel(f"{score} to the nearest other image")
   ax.set_ylabel("images")
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8)
@@ -173,12 +177,44 @@ def plot_pairs(path: str, source, pairs: Sequence[tuple[int, int, float]], thres
   plt.close(fig)
 
 
+def _background(descriptors: str, desc: dict[str, Any], background: str | None,
+                threshold: float | None) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+  """(background descriptors, score-normalisation settings), or (None, None): raw scores."""
+  norm = desc.get("score_norm")
+  if background:
+    bg, bg_manifest = load_descriptors(background)
+    if bg_manifest["descriptor"]["fingerprint"] != desc["fingerprint"]:
+      raise DedupError(f"--background {background} was embedded with descriptor "
+                       f"{bg_manifest['descriptor']['name']} "
+                       f"({bg_manifest['descriptor']['fingerprint'][:12]}), the descriptors "
+                       f"with {desc['name']} ({desc['fingerprint'][:12]}): embed the background "
+                       "images with the same --descriptor.")
+    if not norm and threshold is None:
+      raise DedupError(f"descriptor {desc['name']} has no threshold for normalised scores "
+                       "(a stored one applies to raw similarities): with --background give "
+                       "--threshold on normalised scores (e.g. from the dedup demo's PR curve).")
+    norm = norm or score_norm.DEFAULTS
+    return bg, score_norm.settings(bg, norm["beta"], norm["neighbours"])
+  if not norm:
+    return None, None
+  bg = score_norm.load_background(descriptors)
+  if bg is None:
+    raise FileNotFoundError(f"{descriptors}: descriptor {desc['name']} normalises scores, but "
+                            f"{score_norm.BACKGROUND_FILE} is missing (`dedup embed` writes it "
+                            "with the manifest): re-embed, or give --background.")
+  return bg, score_norm.settings(bg, norm["beta"], norm["neighbours"])
+
+
 def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k: int = 10,
-            source=None, plots: bool = True, progress: bool = True,
-            **index_kwargs) -> dict[str, Any]:
-  """Clusters a finished descriptors folder; writes the filter and the report to out_dir."""
+            source=None, background: str | None = None, plots: bool = True,
+            progress: bool = True, **index_kwargs) -> dict[str, Any]:
+  """Clusters a finished descriptors folder; writes the filter and the report to out_dir.
+
+  Scores are normalised (score_norm.py) when the descriptor carries a background or
+  `background` names a descriptors folder of the same descriptor."""
   x, manifest = load_descriptors(descriptors)
   desc = manifest["descriptor"]
+  bg, norm = _background(descriptors, desc, background, threshold)
   if threshold is None:
     threshold = desc.get("threshold")
     if threshold is None:
@@ -188,6 +224,10 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
     raise DedupError(f"the source has {len(source)} examples, the descriptors "
                      f"{manifest['num_examples']}: embed this source first.")
   ids, sims, info = neighbours(x, k, progress=progress, **index_kwargs)
+  if norm:
+    sims = score_norm.normalise(
+        ids, sims, score_norm.background_similarity(x, bg, norm["neighbours"]),
+        beta=norm["beta"])
   i, j, s = pairs_at(ids, sims, threshold)
   labels = components(len(x), i, j)
   areas = None
@@ -199,7 +239,8 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
   os.makedirs(out_dir, exist_ok=True)
   report = {
       "descriptors": os.path.abspath(descriptors), "descriptor": desc,
-      "num_examples": int(len(x)), "threshold": float(threshold), "index": info,
+      "num_examples": int(len(x)), "threshold": float(threshold), "score_norm": norm,
+      "index": info,
       "num_pairs": int(len(i)), "num_clusters": int((sizes > 1).sum()),
       "cluster_sizes": hist, "num_dropped": int((~keep).sum()), "num_kept": int(keep.sum()),
       "keep_rule": "largest image (pixel area), then lowest index",
@@ -209,13 +250,14 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
                           info={"threshold": float(threshold), "descriptor": desc,
                                 "keep_rule": report["keep_rule"],
                                 "num_clusters": report["num_clusters"]})
-  nearest = sims[:, 0] if k else np.zeros(len(x))
+  nearest = sims.max(1) if k else np.zeros(len(x))
   if plots:
     plot_histogram(os.path.join(out_dir, "similarity_hist.png"), nearest, threshold,
                    f"{len(x)} images, {desc['name']}: {report['num_clusters']} clusters, "
-                   f"{report['num_dropped']} dropped")
+                   f"{report['num_dropped']} dropped",
+                   "normalised similarity" if norm else "similarity")
     if source is not None:
-      a, b, ps = pairs_at(ids, sims, -1.0)
+      a, b, ps = pairs_at(ids, sims, -np.inf)
       order = np.argsort(np.abs(ps - threshold))[:16]
       near = sorted(((int(a[o]), int(b[o]), float(ps[o])) for o in order), key=lambda p: -p[2])
       plot_pairs(os.path.join(out_dir, "pairs.png"), source, near, threshold)

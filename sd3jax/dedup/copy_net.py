@@ -207,10 +207,15 @@ def train(images: np.ndarray, *, config: CopyNetConfig = CopyNetConfig(), steps:
   return params, losses
 
 
-def save(out_dir: str, params: Any, config: CopyNetConfig, info: dict[str, Any]) -> None:
+def save(out_dir: str, params: Any, config: CopyNetConfig, info: dict[str, Any],
+         background: np.ndarray | None = None) -> None:
+  """The descriptor folder; with `background` (and info["score_norm"]), normalised scores."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, PARAMS_FILE), "wb") as f:
     f.write(serialization.to_bytes(params))
+  if background is not None:
+    from sd3jax.dedup import score_norm
+    score_norm.save_background(out_dir, background)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump({"config": dataclasses.asdict(config), **info}, f, indent=2)
 
@@ -228,11 +233,14 @@ def load(path: str) -> tuple[CopyNet, Any, dict[str, Any]]:
   return model, params, meta
 
 
-def calibrate(model: CopyNet, params: Any, images: np.ndarray, seed: int = 0
+def calibrate(model: CopyNet, params: Any, images: np.ndarray, seed: int = 0,
+              background: np.ndarray | None = None, norm: dict[str, Any] | None = None
               ) -> dict[str, float]:
   """A copy threshold from the images themselves: each image against an edited copy of
   itself (shift, crop, colour, JPEG: edits training never made) and against its nearest
-  other image; the threshold is the midpoint of the best-separating interval."""
+  other image; the threshold is the midpoint of the best-separating interval. With a
+  `background` the scores are normalised (score_norm.py, settings `norm`)."""
+  from sd3jax.dedup import score_norm
   from sd3jax.dedup.descriptors import prepare
   from sd3jax.dedup.shapes_duplicates import near_copy
   rng = np.random.default_rng([seed, 3])
@@ -241,6 +249,12 @@ def calibrate(model: CopyNet, params: Any, images: np.ndarray, seed: int = 0
   zc = _embed_pool(model, params, jnp.asarray(copies))
   same = np.einsum("nd,nd->n", z, zc)
   sim = z @ z.T
+  if background is not None:
+    norm = norm or score_norm.settings(background)
+    nz, nc = (score_norm.background_similarity(v, background, norm["neighbours"])
+              for v in (z, zc))
+    same = same - norm["beta"] * 0.5 * (nz + nc)
+    sim = sim - norm["beta"] * 0.5 * (nz[:, None] + nz[None, :])
   np.fill_diagonal(sim, -np.inf)
   other = sim.max(1)
   grid = np.unique(np.concatenate([same, other]))
@@ -258,7 +272,9 @@ def train_on_source(source, out_dir: str, *, steps: int = 600, max_images: int =
                     calibration_images: int = 1024, seed: int = 0, progress: bool = True,
                     config: CopyNetConfig = CopyNetConfig()) -> dict[str, Any]:
   """`sd3jax dedup train`: a CopyNet on (a sample of) a source's images, calibrated on
-  held-out ones, saved to out_dir (a --descriptor folder)."""
+  held-out ones, saved to out_dir (a --descriptor folder) with its training images'
+  descriptors as the score-normalisation background."""
+  from sd3jax.dedup import score_norm
   from sd3jax.dedup.descriptors import prepare
   rng = np.random.default_rng(seed)
   n = len(source)
@@ -272,8 +288,11 @@ def train_on_source(source, out_dir: str, *, steps: int = 600, max_images: int =
                      "(256 to train on, a fifth held out to calibrate the threshold).")
   params, losses = train(train_images, config=config, steps=steps, seed=seed,
                          progress=progress)
-  cal = calibrate(CopyNet(config), params, held, seed)
+  # The score-normalisation background: the training images (none is held out).
+  background = _embed_pool(CopyNet(config), params, jnp.asarray(train_images))
+  norm = score_norm.settings(background)
+  cal = calibrate(CopyNet(config), params, held, seed, background, norm)
   info = {"trained_on": f"{len(train_images)} images of {n}", "steps": steps,
-          "final_loss": losses[-1], **cal}
-  save(out_dir, params, config, info)
+          "final_loss": losses[-1], "score_norm": norm, **cal}
+  save(out_dir, params, config, info, background)
   return {"out": out_dir, **info}

@@ -2,11 +2,13 @@
 
   1. descriptor: a CopyNet trained self-supervised on `train_scenes` shapes scenes of
      another seed (none of the evaluation images);
-  2. threshold: chosen on a validation set (its own seed) as the best pair F1 of the whole
-     procedure, and stored with the descriptor;
+  2. score normalisation: the descriptor's training scenes are its background
+     (score_norm.py); threshold: chosen on a validation set (its own seed) as the best pair
+     F1 of the whole procedure on normalised scores, and stored with the descriptor;
   3. test: a fresh set (`num_unique` scenes + `copy_fraction` injected copies) is embedded,
      clustered at that threshold and filtered; duplicate-pair precision / recall are scored
-     against the injected truth, at the threshold and over a sweep (pr_curve.png).
+     against the injected truth, at the threshold and over a sweep (pr_curve.png); the
+     same with raw similarities (their own validation threshold) shows what normalisation buys.
 """
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ from typing import Any
 import numpy as np
 
 from sd3jax.dedup import cluster as cluster_lib
-from sd3jax.dedup import copy_net, descriptors, embed as embed_lib, shapes_duplicates
+import jax.numpy as jnp
 
-THRESHOLDS = np.round(np.arange(0.70, 1.0001, 0.005), 4)
+from sd3jax.dedup import copy_net, descriptors, embed as embed_lib, score_norm, shapes_duplicates
+
+# Raw similarities lie in [-1, 1]; normalised scores (score_norm.py) mostly in [-0.5, 1].
+THRESHOLDS = np.round(np.arange(-0.5, 1.0001, 0.0025), 4)
 
 
 def _embed(records_dir: str, out: str, descriptor, progress: bool):
@@ -31,30 +36,58 @@ def _embed(records_dir: str, out: str, descriptor, progress: bool):
   return source, res, x
 
 
-def plot_pr(path: str, curve: list[dict[str, float]], chosen: float, title: str) -> None:
+def plot_pr(path: str, curves: dict[str, list[dict[str, float]]], chosen: dict[str, float],
+            title: str) -> None:
+  """Precision / recall against the threshold, and against each other, per kind of score."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  t = [r["threshold"] for r in curve]
-  fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-  a.plot(t, [r["precision"] for r in curve], label="precision", color="#4c72b0")
-  a.plot(t, [r["recall"] for r in curve], label="recall", color="#dd8452")
-  a.axvline(chosen, color="#c44e52", ls="--", label=f"chosen {chosen:.3f}")
-  a.axhline(0.95, color="#999999", lw=0.8, ls=":")
-  a.set_xlabel("similarity threshold")
-  a.set_ylim(0, 1.02)
-  a.legend(fontsize=8)
-  b.plot([r["recall"] for r in curve], [r["precision"] for r in curve], ".-", color="#55a868")
-  c = min(curve, key=lambda r: abs(r["threshold"] - chosen))
-  b.plot([c["recall"]], [c["precision"]], "o", color="#c44e52")
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+  colours = {"normalised": "#55a868", "raw": "#8172b3"}
+  for a, kind in zip(axes[:2], curves):
+    curve = curves[kind]
+    t = [r["threshold"] for r in curve]
+    a.plot(t, [r["precision"] for r in curve], label="precision", color="#4c72b0")
+    a.plot(t, [r["recall"] for r in curve], label="recall", color="#dd8452")
+    a.axvline(chosen[kind], color="#c44e52", ls="--", label=f"chosen {chosen[kind]:.3f}")
+    a.axhline(0.95, color="#999999", lw=0.8, ls=":")
+    a.set_xlabel(f"threshold on {kind} scores")
+    # Where the decisions are: from the last threshold with full recall to the first with none.
+    lo = max([r["threshold"] for r in curve if r["recall"] >= 0.99] or [t[0]]) - 0.1
+    hi = min([r["threshold"] for r in curve if r["recall"] == 0.0] or [t[-1]]) + 0.05
+    a.set_xlim(max(lo, t[0]), min(hi, t[-1]))
+    a.set_ylim(0, 1.02)
+    a.legend(fontsize=8)
+  b = axes[2]
+  for kind, curve in curves.items():
+    b.plot([r["recall"] for r in curve], [r["precision"] for r in curve], ".-", ms=3,
+           color=colours.get(kind, "#333333"), label=kind)
+    c = min(curve, key=lambda r: abs(r["threshold"] - chosen[kind]))
+    b.plot([c["recall"]], [c["precision"]], "o", color="#c44e52")
   b.set_xlabel("recall")
   b.set_ylabel("precision")
   b.set_xlim(0, 1.02)
   b.set_ylim(0, 1.02)
+  b.legend(fontsize=8)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _f1(r: dict[str, float]) -> float:
+  return 2 * r["precision"] * r["recall"] / max(r["precision"] + r["recall"], 1e-9)
+
+
+def _scores(x: np.ndarray, desc, normalised: bool) -> tuple[np.ndarray, np.ndarray]:
+  """kNN (ids, scores) of x: raw similarities, or normalised with the descriptor's background."""
+  ids, sims, _ = cluster_lib.neighbours(x, 10, progress=False)
+  if normalised:
+    norm = desc.score_norm
+    sims = score_norm.normalise(
+        ids, sims, score_norm.background_similarity(x, desc.background, norm["neighbours"]),
+        beta=norm["beta"])
+  return ids, sims
 
 
 def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.05,
@@ -65,32 +98,49 @@ def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.0
   times: dict[str, float] = {}
   net_dir = os.path.join(out_dir, "copy_net")
   t = time.perf_counter()
+  images = None
   if not os.path.exists(os.path.join(net_dir, copy_net.CONFIG_FILE)):
-    scenes = shapes_duplicates.unique_scenes(train_scenes, seed=1)
-    params, losses = copy_net.train(np.stack([s["image"] for s in scenes]), steps=train_steps,
-                                    progress=progress)
+    images = np.stack([s["image"] for s in shapes_duplicates.unique_scenes(train_scenes, seed=1)])
+    params, losses = copy_net.train(images, steps=train_steps, progress=progress)
     copy_net.save(net_dir, params, copy_net.CopyNetConfig(),
                   {"trained_on": f"{train_scenes} shapes scenes, seed 1",
                    "steps": train_steps, "final_loss": losses[-1]})
   times["train_descriptor"] = time.perf_counter() - t
+  with open(os.path.join(net_dir, copy_net.CONFIG_FILE)) as f:
+    meta = json.load(f)
+  if score_norm.load_background(net_dir) is None:
+    # The background: the descriptor's own training scenes (none is an evaluation image).
+    if images is None:
+      images = np.stack([s["image"] for s in shapes_duplicates.unique_scenes(train_scenes,
+                                                                             seed=1)])
+    model, params, _ = copy_net.load(net_dir)
+    background = copy_net._embed_pool(model, params, jnp.asarray(images))
+    score_norm.save_background(net_dir, background)
+    meta["score_norm"] = score_norm.settings(background)
+    meta.pop("threshold", None)  # chosen below, on normalised scores
 
   t = time.perf_counter()
   val_dir = os.path.join(out_dir, "val_records")
   if not os.path.exists(os.path.join(val_dir, "manifest.json")):
     shapes_duplicates.build(val_dir, num_unique=1000, copy_fraction=copy_fraction, seed=2,
                             progress=progress)
+  with open(os.path.join(net_dir, copy_net.CONFIG_FILE), "w") as f:
+    json.dump(meta, f, indent=2)
   desc = descriptors.load_descriptor(net_dir)
   val_src, _, xv = _embed(val_dir, os.path.join(out_dir, "val_dedup"), desc, progress)
-  ids, sims, _ = cluster_lib.neighbours(xv, 10, progress=False)
-  val_curve = cluster_lib.pr_curve(ids, sims, shapes_duplicates.truth_groups(val_src),
-                                   THRESHOLDS)
-  f1 = lambda r: 2 * r["precision"] * r["recall"] / max(r["precision"] + r["recall"], 1e-9)  # noqa: E731
-  threshold = max(val_curve, key=lambda r: (f1(r), r["threshold"]))["threshold"]
-  with open(os.path.join(net_dir, copy_net.CONFIG_FILE)) as f:
-    meta = json.load(f)
+  val_truth = shapes_duplicates.truth_groups(val_src)
+  # The threshold: best pair F1 on the validation set, for normalised scores (the
+  # procedure) and for raw similarities (what normalisation buys).
+  val_curves, thresholds = {}, {}
+  for kind in ("normalised", "raw"):
+    ids, sims = _scores(xv, desc, kind == "normalised")
+    val_curves[kind] = cluster_lib.pr_curve(ids, sims, val_truth, THRESHOLDS)
+    thresholds[kind] = max(val_curves[kind], key=lambda r: (_f1(r), r["threshold"]))["threshold"]
+  threshold = thresholds["normalised"]
   if meta.get("threshold") != threshold:
     meta["threshold"] = threshold
-    meta["threshold_from"] = "best pair F1 on the demo's validation set (seed 2)"
+    meta["threshold_from"] = ("best pair F1 on the demo's validation set (seed 2), "
+                              "normalised scores")
     with open(os.path.join(net_dir, copy_net.CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
   times["choose_threshold"] = time.perf_counter() - t
@@ -108,9 +158,11 @@ def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.0
                                progress=progress)
   times["cluster_test"] = time.perf_counter() - t
   truth = shapes_duplicates.truth_groups(src)
-  ids, sims, _ = cluster_lib.neighbours(x, 10, progress=False)
-  curve = cluster_lib.pr_curve(ids, sims, truth, THRESHOLDS)
-  at = next(r for r in curve if r["threshold"] == threshold)  # both from THRESHOLDS
+  curves, at = {}, {}
+  for kind in ("normalised", "raw"):
+    ids, sims = _scores(x, desc, kind == "normalised")
+    curves[kind] = cluster_lib.pr_curve(ids, sims, truth, THRESHOLDS)
+    at[kind] = next(r for r in curves[kind] if r["threshold"] == thresholds[kind])
   # What the filter does: every injected copy group should keep exactly one image.
   from sd3jax.dedup import filter as filter_lib
   _, drop = filter_lib.load_filter(os.path.join(out_dir, "filter"))
@@ -120,22 +172,28 @@ def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.0
   in_copied = group_sizes[truth] > 1
   should_drop = int((group_sizes[group_sizes > 1] - 1).sum())
   kept_groups = np.bincount(truth[~dropped], minlength=len(group_sizes))
+  best = max(curves["normalised"], key=_f1)
   result = {
       "test_set": {"images": int(len(truth)), "unique_scenes": num_unique,
                    "injected_copies": should_drop},
       "descriptor": desc.info(), "threshold": threshold,
-      "precision": at["precision"], "recall": at["recall"], "pairs": at,
+      "precision": at["normalised"]["precision"], "recall": at["normalised"]["recall"],
+      "pairs": at["normalised"],
+      "raw_similarity": {"threshold": thresholds["raw"], **at["raw"]},
+      "best_f1_on_test": {"normalised": best, "raw": max(curves["raw"], key=_f1)},
       "filter": {"dropped": int(dropped.sum()), "should_drop": should_drop,
                  "copy_groups_left_with_one_image": int((kept_groups[group_sizes > 1] == 1).sum()),
                  "copy_groups": int((group_sizes > 1).sum()),
                  "unique_images_dropped": int((dropped & ~in_copied).sum()),
                  "groups_emptied": int((kept_groups == 0).sum())},
       "cluster_report": report, "seconds": {k: round(v, 1) for k, v in times.items()},
-      "curve": curve, "validation_curve": val_curve,
+      "curve": curves["normalised"], "validation_curve": val_curves["normalised"],
+      "raw_curve": curves["raw"], "raw_validation_curve": val_curves["raw"],
   }
-  plot_pr(os.path.join(out_dir, "pr_curve.png"), curve, threshold,
+  plot_pr(os.path.join(out_dir, "pr_curve.png"), curves, thresholds,
           f"dedup of {len(truth)} shapes images with {should_drop} injected copies: pair "
-          f"precision {at['precision']:.3f}, recall {at['recall']:.3f} at {threshold:.3f}")
+          f"precision {result['precision']:.3f}, recall {result['recall']:.3f} at "
+          f"{threshold:.3f} (normalised)")
   with open(os.path.join(out_dir, "demo.json"), "w") as f:
     json.dump(result, f, indent=2)
   return result

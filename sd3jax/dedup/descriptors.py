@@ -3,7 +3,8 @@
 `load_descriptor(spec)` resolves what `--descriptor` names:
 
   DIR                a CopyNet folder (copy_net.json + params.msgpack; `sd3jax dedup train`
-                     writes one): the embedded default, trained without downloaded weights
+                     writes one): the embedded default, trained without downloaded weights;
+                     with its background.npy, its scores are normalised (score_norm.py)
   sscd:FILE          SSCD (ResNet-50 + GeM + 512-d projection) from a local PyTorch state dict
                      or TorchScript file (sd3jax.models.sscd)
   thumbnail          a blurred 16x16 thumbnail: the pixel baseline (README: it cannot tell a
@@ -43,10 +44,14 @@ class Descriptor:
   fn: Callable[[Any], Any]
   jittable: bool = True          # fn is a JAX function: batches go over the local devices
   threshold: float | None = None  # the copy threshold measured for it, when known
+  # Score normalisation (sd3jax.dedup.score_norm): background descriptors float32 [M, dims]
+  # and the settings; when set, `threshold` applies to normalised scores.
+  background: np.ndarray | None = None
+  score_norm: dict[str, Any] | None = None
 
   def info(self) -> dict[str, Any]:
     return {"name": self.name, "fingerprint": self.fingerprint, "size": self.size,
-            "dims": self.dims, "threshold": self.threshold}
+            "dims": self.dims, "threshold": self.threshold, "score_norm": self.score_norm}
 
 
 def _fingerprint(params: Any, kind: str) -> str:
@@ -83,11 +88,18 @@ def thumbnail(size: int = 64, cells: int = 16) -> Descriptor:
 
 def copy_net(path: str) -> Descriptor:
   from sd3jax.dedup import copy_net as cn
+  from sd3jax.dedup import score_norm
   model, params, meta = cn.load(path)
   size = model.config.size
   fn = lambda x: model.apply({"params": params}, x)  # noqa: E731
+  background = score_norm.load_background(path) if meta.get("score_norm") else None
+  if meta.get("score_norm") and background is None:
+    raise FileNotFoundError(f"--descriptor {path}: its threshold applies to normalised scores, "
+                            f"but {score_norm.BACKGROUND_FILE} is missing: copy the whole "
+                            "folder `sd3jax dedup train` wrote.")
   return Descriptor("copy_net", _fingerprint(params, f"copy_net|{meta['config']}"), size,
-                    model.config.dims, fn, threshold=meta.get("threshold"))
+                    model.config.dims, fn, threshold=meta.get("threshold"),
+                    background=background, score_norm=meta.get("score_norm"))
 
 
 def sscd(path: str, size: int = 320) -> Descriptor:

@@ -11,6 +11,7 @@ device counts, so 2 x 4 devices write the bytes 1 x 8 writes (tests/dedup_test.p
   OUT/descriptors-<fingerprint[:12]>/
     plan.json          source identity, descriptor, part size, dtype (written first)
     part-00000.npy     [n, dims] in the storage dtype (bfloat16 stored as its uint16 bits)
+    background.npy     the descriptor's score-normalisation background, when it has one
     descriptors.json   written last, by whichever process finishes the last part
 """
 from __future__ import annotations
@@ -56,7 +57,12 @@ def _check_or_write_plan(path: str, plan: dict[str, Any]) -> None:
     _atomic_json(fname, plan)
   with open(fname) as f:
     found = json.load(f)
-  diff = sorted(k for k in set(plan) | set(found) if plan.get(k) != found.get(k))
+
+  def identity(p):  # a descriptor's threshold and score settings do not change its vectors
+    return {**p, "descriptor": {k: v for k, v in p["descriptor"].items()
+                                if k not in ("threshold", "score_norm")}}
+  plan_id, found_id = identity(plan), identity(found)
+  diff = sorted(k for k in set(plan_id) | set(found_id) if plan_id.get(k) != found_id.get(k))
   if diff:
     raise DedupError(f"{path} holds descriptors made with other settings ({diff[0]}: "
                      f"{found.get(diff[0])!r}, now {plan.get(diff[0])!r}); use another --out, "
@@ -172,6 +178,14 @@ def embed(source, out_dir: str, descriptor: Descriptor, *, part_size: int = 8192
   seconds = time.perf_counter() - start_time
   complete = all(os.path.exists(_part_path(path, p)) for p in range(num_parts))
   if complete:
+    if descriptor.background is not None:  # its threshold needs it: dedup cluster reads it here
+      from sd3jax.dedup import score_norm
+      tmp = os.path.join(path, f".background.tmp-{os.getpid()}")
+      os.makedirs(tmp, exist_ok=True)
+      score_norm.save_background(tmp, descriptor.background)
+      os.replace(os.path.join(tmp, score_norm.BACKGROUND_FILE),
+                 os.path.join(path, score_norm.BACKGROUND_FILE))
+      os.rmdir(tmp)
     _atomic_json(os.path.join(path, MANIFEST), plan)
   return {"path": path, "complete": complete, "parts_written": len(todo),
           "parts_skipped": len(mine) - len(todo), "examples_embedded": written,

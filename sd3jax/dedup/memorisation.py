@@ -2,7 +2,8 @@
 
 The SD3 paper's check: generate images for training captions, find each one's nearest
 training image by copy-detection descriptor, and count the generations that are copies
-(similarity at or above the copy threshold). A model that memorised duplicated training
+(similarity at or above the copy threshold; normalised, score_norm.py, when the
+descriptor carries a background). A model that memorised duplicated training
 images shows them here. Written to RUN/memorisation/: memorisation.json (the fraction, every
 generation's nearest training image and similarity) and memorisation.png (the closest cases:
 generation | nearest training image).
@@ -17,6 +18,7 @@ import numpy as np
 
 from sd3jax.dedup import descriptors as descriptors_lib
 from sd3jax.dedup import embed as embed_lib
+from sd3jax.dedup import score_norm
 from sd3jax.dedup import DedupError
 
 
@@ -42,8 +44,41 @@ def _grid(path: str, gen: np.ndarray, train: list[np.ndarray], sims: np.ndarray,
   plt.close(fig)
 
 
-def _held_out_baseline(pre: Any, desc, index, num: int, threshold: float, seed: int
-                       ) -> dict[str, Any] | None:
+class _Nearest:
+  """Each query's nearest training image by the descriptor's score: the similarity, or
+  with a background the normalised score (score_norm.py; best of the 10 most similar)."""
+
+  def __init__(self, train_x: np.ndarray, desc):
+    import faiss
+    self.train_x, self.desc = train_x, desc
+    self.index = faiss.IndexFlatIP(train_x.shape[1])
+    self.index.add(np.ascontiguousarray(train_x))
+    self.norm = desc.score_norm
+    if self.norm:
+      self.n_train = score_norm.background_similarity(train_x, desc.background,
+                                                      self.norm["neighbours"])
+
+  def _n(self, x: np.ndarray) -> np.ndarray:
+    return score_norm.background_similarity(x, self.desc.background, self.norm["neighbours"])
+
+  def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sims, ids = self.index.search(np.ascontiguousarray(x), 10 if self.norm else 1)
+    if self.norm:
+      sims = score_norm.normalise(ids, sims, self._n(x), self.n_train, self.norm["beta"])
+    best = sims.argmax(1)[:, None]
+    return (np.take_along_axis(sims, best, 1)[:, 0],
+            np.take_along_axis(ids, best, 1)[:, 0])
+
+  def score(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """x[i]'s score against training image rows[i]."""
+    s = np.einsum("nd,nd->n", x, self.train_x[rows])
+    if self.norm:
+      s = s - self.norm["beta"] * 0.5 * (self._n(x) + self.n_train[rows])
+    return s
+
+
+def _held_out_baseline(pre: Any, desc, nearest: _Nearest, num: int, threshold: float,
+                       seed: int) -> dict[str, Any] | None:
   """The same count for held-out images of the training distribution (the source's
   validation split, when it has one): what a model that never saw the training images but
   draws from the same distribution would score. On a small combinatorial set like shapes,
@@ -59,8 +94,7 @@ def _held_out_baseline(pre: Any, desc, index, num: int, threshold: float, seed: 
   picks = np.sort(np.random.default_rng(seed).choice(len(held), min(num, len(held)),
                                                      replace=False))
   x = np.stack([descriptors_lib.prepare(held[int(i)]["image"], desc.size) for i in picks])
-  sims = index.search(np.ascontiguousarray(np.asarray(desc.fn(x.astype(np.float32) / 255.0),
-                                                      np.float32)), 1)[0][:, 0]
+  sims = nearest(np.asarray(desc.fn(x.astype(np.float32) / 255.0), np.float32))[0]
   return {"images": int(len(picks)), "fraction_copies": float((sims >= threshold).mean()),
           "similarity_nearest_mean": float(sims.mean())}
 
@@ -70,7 +104,6 @@ def memorisation(config: Any, workdir: str, descriptor: str, *, num: int = 64,
                  steps: int | None = None, cfg: float | None = None, out: str | None = None,
                  show: int = 16, progress: bool = True) -> dict[str, Any]:
   """Generates `num` images for training captions of the run at `workdir` and scores them."""
-  import faiss
   from sd3jax import sample as sample_lib
   from sd3jax.data.producer import open_source
   run = sample_lib.resolve_run_dir(workdir)
@@ -104,13 +137,11 @@ def memorisation(config: Any, workdir: str, descriptor: str, *, num: int = 64,
   gen = np.stack([descriptors_lib.prepare(sample_lib.to_uint8(im), desc.size) for im in images])
   fn = desc.fn
   gen_x = np.asarray(fn(gen.astype(np.float32) / 255.0), np.float32)
-  index = faiss.IndexFlatIP(train_x.shape[1])
-  index.add(np.ascontiguousarray(train_x))
-  sims, ids = index.search(np.ascontiguousarray(gen_x), 1)
-  sims, ids = sims[:, 0], ids[:, 0]
-  own = np.einsum("nd,nd->n", gen_x, train_x[picks])
+  nearest = _Nearest(train_x, desc)
+  sims, ids = nearest(gen_x)
+  own = nearest.score(gen_x, picks)
   copies = sims >= threshold
-  baseline = _held_out_baseline(pre, desc, index, len(picks), threshold, seed)
+  baseline = _held_out_baseline(pre, desc, nearest, len(picks), threshold, seed)
   report = {
       "run": run, "descriptor": desc.info(), "threshold": threshold, "num_generated": len(picks),
       "fraction_copies": float(copies.mean()), "num_copies": int(copies.sum()),
