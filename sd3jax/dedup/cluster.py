@@ -247,7 +247,8 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
   }
   filter_lib.write_filter(out_dir, source_identity=manifest["source"],
                           num_examples=len(x), drop=np.flatnonzero(~keep),
-                          info={"threshold": float(threshold), "descriptor": desc,
+                          info={"threshold": float(threshold), "score_norm": norm,
+                                "descriptor": desc,
                                 "keep_rule": report["keep_rule"],
                                 "num_clusters": report["num_clusters"]})
   nearest = sims.max(1) if k else np.zeros(len(x))
