@@ -133,7 +133,7 @@ def test_score_normalisation_separates_dense_distinct_images_from_sparse_copies(
   n = score_norm.background_similarity(x, background, norm["neighbours"])
   brute = np.sort(x @ background.T, axis=1)[:, -10:].mean(1)
   np.testing.assert_allclose(n, brute, atol=1e-5)
-  normalised = score_norm.normalise(ids, sims, n)
+  normalised = score_norm.normalise(x, ids, sims, background, norm)
   np.testing.assert_allclose(normalised[ids >= 0],
                              (sims - 0.5 * (n[:, None] + n[ids]))[ids >= 0], atol=1e-6)
   i, j, _ = cluster.pairs_at(ids, normalised, 0.3)
@@ -167,8 +167,7 @@ def test_a_copy_net_carries_its_background_through_embed_and_cluster(dup_records
   # The scores it thresholds are the normalised ones.
   x, _ = embed.load_descriptors(res["path"])
   ids, sims, _ = cluster.neighbours(x, 10, progress=False)
-  expect = score_norm.normalise(ids, sims, score_norm.background_similarity(
-      x, score_norm.load_background(res["path"]), 10))
+  expect = score_norm.normalise(x, ids, sims, score_norm.load_background(res["path"]), norm)
   assert report["num_pairs"] == len(cluster.pairs_at(ids, expect, cal["threshold"])[0])
   # Without its background the threshold means nothing: refused, naming the file.
   os.remove(os.path.join(res["path"], score_norm.BACKGROUND_FILE))

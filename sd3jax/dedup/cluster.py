@@ -225,9 +225,7 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
                      f"{manifest['num_examples']}: embed this source first.")
   ids, sims, info = neighbours(x, k, progress=progress, **index_kwargs)
   if norm:
-    sims = score_norm.normalise(
-        ids, sims, score_norm.background_similarity(x, bg, norm["neighbours"]),
-        beta=norm["beta"])
+    sims = score_norm.normalise(x, ids, sims, bg, norm)
   i, j, s = pairs_at(ids, sims, threshold)
   labels = components(len(x), i, j)
   areas = None

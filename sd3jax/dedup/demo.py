@@ -17,11 +17,10 @@ import os
 import time
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from sd3jax.dedup import cluster as cluster_lib
-import jax.numpy as jnp
-
 from sd3jax.dedup import copy_net, descriptors, embed as embed_lib, score_norm, shapes_duplicates
 
 # Raw similarities lie in [-1, 1]; normalised scores (score_norm.py) mostly in [-0.5, 1].
@@ -79,15 +78,11 @@ def _f1(r: dict[str, float]) -> float:
   return 2 * r["precision"] * r["recall"] / max(r["precision"] + r["recall"], 1e-9)
 
 
-def _scores(x: np.ndarray, desc, normalised: bool) -> tuple[np.ndarray, np.ndarray]:
-  """kNN (ids, scores) of x: raw similarities, or normalised with the descriptor's background."""
+def _scores(x: np.ndarray, desc) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """kNN (ids, scores) of x, normalised with the descriptor's background and raw."""
   ids, sims, _ = cluster_lib.neighbours(x, 10, progress=False)
-  if normalised:
-    norm = desc.score_norm
-    sims = score_norm.normalise(
-        ids, sims, score_norm.background_similarity(x, desc.background, norm["neighbours"]),
-        beta=norm["beta"])
-  return ids, sims
+  normalised = score_norm.normalise(x, ids, sims, desc.background, desc.score_norm)
+  return {"normalised": (ids, normalised), "raw": (ids, sims)}
 
 
 def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.05,
@@ -132,8 +127,7 @@ def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.0
   # The threshold: best pair F1 on the validation set, for normalised scores (the
   # procedure) and for raw similarities (what normalisation buys).
   val_curves, thresholds = {}, {}
-  for kind in ("normalised", "raw"):
-    ids, sims = _scores(xv, desc, kind == "normalised")
+  for kind, (ids, sims) in _scores(xv, desc).items():
     val_curves[kind] = cluster_lib.pr_curve(ids, sims, val_truth, THRESHOLDS)
     thresholds[kind] = max(val_curves[kind], key=lambda r: (_f1(r), r["threshold"]))["threshold"]
   threshold = thresholds["normalised"]
@@ -159,8 +153,7 @@ def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.0
   times["cluster_test"] = time.perf_counter() - t
   truth = shapes_duplicates.truth_groups(src)
   curves, at = {}, {}
-  for kind in ("normalised", "raw"):
-    ids, sims = _scores(x, desc, kind == "normalised")
+  for kind, (ids, sims) in _scores(x, desc).items():
     curves[kind] = cluster_lib.pr_curve(ids, sims, truth, THRESHOLDS)
     at[kind] = next(r for r in curves[kind] if r["threshold"] == thresholds[kind])
   # What the filter does: every injected copy group should keep exactly one image.

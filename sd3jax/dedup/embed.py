@@ -180,12 +180,7 @@ def embed(source, out_dir: str, descriptor: Descriptor, *, part_size: int = 8192
   if complete:
     if descriptor.background is not None:  # its threshold needs it: dedup cluster reads it here
       from sd3jax.dedup import score_norm
-      tmp = os.path.join(path, f".background.tmp-{os.getpid()}")
-      os.makedirs(tmp, exist_ok=True)
-      score_norm.save_background(tmp, descriptor.background)
-      os.replace(os.path.join(tmp, score_norm.BACKGROUND_FILE),
-                 os.path.join(path, score_norm.BACKGROUND_FILE))
-      os.rmdir(tmp)
+      score_norm.save_background(path, descriptor.background)
     _atomic_json(os.path.join(path, MANIFEST), plan)
   return {"path": path, "complete": complete, "parts_written": len(todo),
           "parts_skipped": len(mine) - len(todo), "examples_embedded": written,

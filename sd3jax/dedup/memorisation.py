@@ -64,7 +64,7 @@ class _Nearest:
   def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sims, ids = self.index.search(np.ascontiguousarray(x), 10 if self.norm else 1)
     if self.norm:
-      sims = score_norm.normalise(ids, sims, self._n(x), self.n_train, self.norm["beta"])
+      sims = score_norm.adjust(sims, self._n(x)[:, None], self.n_train[ids], self.norm["beta"])
     best = sims.argmax(1)[:, None]
     return (np.take_along_axis(sims, best, 1)[:, 0],
             np.take_along_axis(ids, best, 1)[:, 0])
@@ -73,7 +73,7 @@ class _Nearest:
     """x[i]'s score against training image rows[i]."""
     s = np.einsum("nd,nd->n", x, self.train_x[rows])
     if self.norm:
-      s = s - self.norm["beta"] * 0.5 * (self._n(x) + self.n_train[rows])
+      s = score_norm.adjust(s, self._n(x), self.n_train[rows], self.norm["beta"])
     return s
 
 

@@ -58,18 +58,27 @@ def background_similarity(x: np.ndarray, background: np.ndarray, neighbours: int
   return out
 
 
-def normalise(ids: np.ndarray, sims: np.ndarray, n_query: np.ndarray,
-              n_other: np.ndarray | None = None, beta: float = DEFAULTS["beta"]
-              ) -> np.ndarray:
-  """Normalised scores of kNN results: sims [N, k] of query rows against ids [N, k] (-1:
-  none) of the rows whose background similarities are n_other (default: the same set)."""
-  n_other = n_query if n_other is None else n_other
-  out = sims - beta * 0.5 * (n_query[:, None] + n_other[np.maximum(ids, 0)])
+def adjust(sims: np.ndarray, n_a: np.ndarray, n_b: np.ndarray,
+           beta: float = DEFAULTS["beta"]) -> np.ndarray:
+  """The normalised score of similarities `sims` between images with background
+  similarities n_a and n_b (arrays broadcast): sims - beta * (n_a + n_b) / 2."""
+  return sims - beta * 0.5 * (n_a + n_b)
+
+
+def normalise(x: np.ndarray, ids: np.ndarray, sims: np.ndarray, background: np.ndarray,
+              norm: dict[str, Any]) -> np.ndarray:
+  """Normalised scores of kNN results within one set: sims [N, k] of rows of x against
+  their neighbours ids [N, k] (-1: none)."""
+  n = background_similarity(x, background, norm["neighbours"])
+  out = adjust(sims, n[:, None], n[np.maximum(ids, 0)], norm["beta"])
   return np.where(ids >= 0, out, -np.inf).astype(np.float32)
 
 
 def save_background(folder: str, background: np.ndarray) -> None:
-  np.save(os.path.join(folder, BACKGROUND_FILE), np.asarray(background, np.float16))
+  """folder/background.npy (float16), appearing only complete (a temporary file, renamed)."""
+  tmp = os.path.join(folder, f".{BACKGROUND_FILE}.tmp-{os.getpid()}.npy")
+  np.save(tmp, np.asarray(background, np.float16))
+  os.replace(tmp, os.path.join(folder, BACKGROUND_FILE))
 
 
 def load_background(folder: str) -> np.ndarray | None:
