@@ -181,7 +181,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                            logit_std=1.0, mode_scale=1.29, shift=6.0,
                            shift_rule="resolution" if a["aspect"] else "fixed"))
 
-  c.optimizer = ConfigDict(dict(learning_rate=2e-3, b1=0.9, b2=0.99, eps=1e-8,
+  c.optimizer = ConfigDict(dict(name="adamw", learning_rate=2e-3, b1=0.9, b2=0.99, eps=1e-8,
                                 weight_decay=0.0, grad_clip_norm=1.0, max_nonfinite_steps=20))
   c.schedule = ConfigDict(dict(name="cosine", warmup_steps=min(100, a["steps"] // 5),
                                decay_steps=0, final_fraction=0.1))

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                            logit_std=1.0, mode_scale=1.29, shift=1.0, shift_rule="fixed"))
 
   # Optimisation: AdamW, clipped at global norm 1, warmup then constant; EMA of the weights.
-  c.optimizer = ConfigDict(dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8,
+  c.optimizer = ConfigDict(dict(name="adamw", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8,
                                 weight_decay=0.0, grad_clip_norm=1.0, max_nonfinite_steps=3))
   c.schedule = ConfigDict(dict(name="warmup_constant", warmup_steps=2, decay_steps=0,
                                final_fraction=0.0))

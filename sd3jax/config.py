@@ -96,6 +96,7 @@ def defaults() -> ConfigDict:
                                # bucket (sd3jax.buckets), in training and sampling
   ))
   c.optimizer = ConfigDict(dict(
+      name="adamw",            # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
       learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       grad_clip_norm=1.0,      # global-norm clipping; 0 disables
       max_nonfinite_steps=20,  # stop after this many non-finite steps in a row
@@ -409,7 +410,11 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
               f"{high}" + ("]" if closed[1] else ")")))
       raise ConfigError(f"config.{key}={value} is out of range: it must be in {span}.")
 
-  # Schedules, checkpointing, logging.
+  # Optimizer, schedules, checkpointing, logging.
+  optimizers = ("adamw", "muon")
+  if config.optimizer.get("name", "adamw") not in optimizers:
+    raise ConfigError(f"config.optimizer.name={config.optimizer.name!r}; choose one of "
+                      f"{optimizers}.")
   names = ("warmup_constant", "cosine", "wsd")
   if config.schedule.name not in names:
     raise ConfigError(f"config.schedule.name={config.schedule.name!r}; choose one of {names}.")

@@ -1,4 +1,4 @@
-"""AdamW with global-norm clipping, learning-rate schedules, and the EMA of the weights.
+"""AdamW (or Muon) with global-norm clipping, learning-rate schedules, and the EMA of the weights.
 
 The learning rate is a function of the trainer's step (not of optax's update count), so
 a step skipped for non-finite gradients does not shift the schedule, and the logged LR
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -44,16 +45,74 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
+def _muon_dims(params: Any) -> Any:
+  """Which weights Muon orthogonalises: the transformer blocks' matrices, as (in, out), or
+  (depth, in, out) when the blocks are scanned (depth is a batch axis). Everything else
+  (embedders, the output head, biases, norm scales) stays with AdamW, as in Muon's recipe."""
+  from optax.contrib import MuonDimensionNumbers
+
+  def dims(path, p):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    in_block = any(str(n).startswith("blocks") for n in names)
+    if not in_block or names[-1] != "kernel" or p.ndim not in (2, 3):
+      return None
+    return MuonDimensionNumbers(p.ndim - 2, p.ndim - 1)
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
 def make_optimizer(opt: ConfigDict) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW; the learning rate is injected per step."""
+  """Clip by global norm, then AdamW (or Muon on the blocks' matrices with AdamW on the rest,
+  `opt.name = "muon"`); the learning rate is injected per step."""
+  name = opt.get("name", "adamw")
+  if name not in ("adamw", "muon"):
+    raise ValueError(f"config.optimizer.name={name!r}: choose 'adamw' or 'muon'.")
+
   def build(learning_rate):
     parts = []
     if opt.grad_clip_norm and opt.grad_clip_norm > 0:
       parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-    parts.append(optax.adamw(learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                             weight_decay=opt.weight_decay, mask=_decay_mask))
+    if name == "muon":
+      from optax.contrib import muon
+      # consistent_rms 0.2: updates of AdamW's RMS, so AdamW's learning rate carries over
+      # (Liu et al. 2025, "Muon is scalable for LLM training").
+      parts.append(muon(learning_rate, beta=0.95, eps=opt.eps,
+                        weight_decay=opt.weight_decay, adam_b1=opt.b1, adam_b2=opt.b2,
+                        adam_weight_decay=opt.weight_decay, nesterov=True,
+                        muon_weight_dimension_numbers=_muon_dims, consistent_rms=0.2))
+    else:
+      parts.append(optax.adamw(learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                               weight_decay=opt.weight_decay, mask=_decay_mask))
     return optax.chain(*parts)
-  return optax.inject_hyperparams(build)(learning_rate=float(opt.learning_rate))
+  tx = optax.inject_hyperparams(build)(learning_rate=float(opt.learning_rate))
+  if name == "adamw":
+    return tx
+  # Muon's init labels params by their path and shape, so it needs them unboxed; its state
+  # is then boxed like the params again, so it shards as they do (FSDP / TP).
+  return optax.GradientTransformation(lambda params: _rebox(tx.init(nn.unbox(params)), params),
+                                      tx.update)
+
+
+def _rebox(state: Any, boxed_params: Any) -> Any:
+  """Wraps each optimizer-state array that sits under a parameter's path (its trailing dict
+  keys) and has that parameter's shape in the parameter's logical-axis box."""
+  boxes = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+    if isinstance(leaf, nn.Partitioned):
+      boxes[tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))] = leaf
+
+  def box(path, x):
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    for i in range(len(keys)):
+      b = boxes.get(tuple(keys[i:]))
+      if b is not None and getattr(x, "shape", None) == b.value.shape:
+        return b.replace_boxed(x)
+    return x
+  return jax.tree_util.tree_map_with_path(box, state)
 
 
 def with_learning_rate(opt_state: Any, lr: jax.Array) -> Any:

@@ -279,6 +279,71 @@ def test_adamw_eps_and_clipping_come_from_the_config():
   np.testing.assert_allclose(updates["w"], [-0.5 * 0.6 / 1.6, -0.5 * 0.8 / 1.8], rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def muon_runs(tmp_path_factory, start):
+  """6 Muon steps of the tiny model, unsharded and FSDP-sharded over 8 devices."""
+  out = {}
+  for name in ("one_device", "fsdp8"):
+    workdir = str(tmp_path_factory.mktemp("muon_" + name))
+    out[name] = train.train(tiny(name, init_from=start, optimizer__name="muon"), workdir,
+                            devices=devices(name))
+  return out
+
+
+def _muon_leaf(opt_state, *keys):
+  """The Muon momentum of the parameter at `keys` (found by path, not by optax's layout)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "muon" in names and "mu" in names and tuple(names[-len(keys):]) == keys:
+      return leaf
+  raise KeyError(keys)
+
+
+def test_muon_sharded_equals_unsharded_and_its_state_follows_the_params(muon_runs):
+  reference = [r["loss"] for r in muon_runs["one_device"].history]
+  sharded = [r["loss"] for r in muon_runs["fsdp8"].history]
+  assert len(reference) == 6 and all(np.isfinite(reference))
+  np.testing.assert_allclose(sharded, reference, rtol=1e-5)
+  assert max_abs_diff(muon_runs["fsdp8"].state.params,
+                      muon_runs["one_device"].state.params) <= 1e-5
+  mu = _muon_leaf(muon_runs["fsdp8"].state.opt_state, "blocks_0", "img_mlp", "fc1", "kernel")
+  assert mu.shape == (1, 64, 256) and mu.sharding.spec[1] == "fsdp"
+
+
+def test_muon_resume_is_exact(muon_runs, start, tmp_path):
+  workdir = str(tmp_path)
+  for steps in (3, 6):
+    result = train.train(tiny("one_device", total_steps=steps, init_from=start,
+                              optimizer__name="muon"), workdir, devices=devices("one_device"))
+  straight = muon_runs["one_device"]
+  assert [r["loss"] for r in result.history] == [r["loss"] for r in straight.history[3:]]
+  assert max_abs_diff(result.state.params, straight.state.params) <= 1e-7
+  assert max_abs_diff(result.state.opt_state, straight.state.opt_state) <= 1e-7
+
+
+def test_muon_orthogonalises_the_blocks_matrices_and_adamw_steps_the_rest():
+  c = config_lib.defaults().optimizer
+  with c.unlocked():
+    c.name, c.grad_clip_norm = "muon", 0.0
+  rng = np.random.default_rng(0)
+  params = {"blocks_0": {"fc": {"kernel": np.zeros((2, 8, 32), np.float32),
+                                "bias": np.zeros((2, 32), np.float32)}},
+            "patch_embed": {"kernel": np.zeros((8, 32), np.float32)}}
+  grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+  tx = optim.make_optimizer(c)
+  updates, _ = tx.update(grads, optim.with_learning_rate(tx.init(params), 1.0), params)
+  for layer in np.asarray(updates["blocks_0"]["fc"]["kernel"]):  # depth is a batch axis
+    # Newton-Schulz's quintic leaves singular values near 1 (0.7-1.2), scaled to AdamW's RMS.
+    sv = np.linalg.svd(-layer, compute_uv=False) / (0.2 * np.sqrt(32))
+    assert 0.6 < sv.min() and sv.max() < 1.25, sv
+  for name, u in (("bias", updates["blocks_0"]["fc"]["bias"]),
+                  ("embedder", updates["patch_embed"]["kernel"])):
+    mags = np.abs(np.asarray(u))  # Adam's first step: one magnitude whatever the gradient
+    np.testing.assert_allclose(mags, mags.flat[0], rtol=1e-4, err_msg=name)
+  with pytest.raises(config_lib.ConfigError, match="optimizer.name='sgd'.*adamw"):
+    config_lib.validate(tiny("one_device", optimizer__name="sgd"), 1)
+
+
 def test_peak_table():
   assert metrics_lib.peak_tflops("TPU v5 lite") == 197.0
   assert metrics_lib.peak_tflops("TPU v5") == 459.0
