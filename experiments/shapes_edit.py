@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       data=dict(num_train=256 if smoke else 6000, num_val=64 if smoke else 512, seed=0),
       train=dict(
           steps=steps, batch=c.batch_size,
+          optimizer="adamw",         # as measured (the text-to-image stage uses Muon)
           learning_rate=2e-3,        # the text-to-image peak (1e-3: 0.51 / 0.38, 2,400 steps)
           shift=c.flow.shift,        # timestep shift (training; eval.shift samples)
           warmup_steps=min(100, steps // 5),

@@ -37,6 +37,7 @@ def edit_config(config: ConfigDict, paths) -> ConfigDict:
     c.init_from_in_channels = int(c.model.in_channels)
     c.model.in_channels = 2 * int(c.model.out_channels)
     c.total_steps, c.batch_size = int(e.steps), int(e.batch)
+    c.optimizer.name = str(e.get("optimizer", "adamw"))
     c.optimizer.learning_rate = float(e.learning_rate)
     c.flow.shift = float(e.shift)
     c.schedule.warmup_steps = int(e.warmup_steps)
