@@ -229,6 +229,10 @@ def bench_main(config: ConfigDict, *, steps: int = 10, warmup: int = 2,
   after `warmup` untimed steps each. Rates are from the median seconds per step over blocks.
   """
   from sd3jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  if vs_diffusers and config.optimizer.get("name", "adamw") != "adamw":
+    raise ValueError(f"--vs-diffusers times both sides with AdamW (torch.optim.AdamW), but "
+                     f"config.optimizer.name={config.optimizer.name!r}; add "
+                     "--config.optimizer.name=adamw.")
   built = build_jax_step(config, devices)
   config, devices = built["config"], built["devices"]
   flops = built["flops_per_step"]

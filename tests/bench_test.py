@@ -40,6 +40,11 @@ def test_bench_vs_diffusers(tiny_bench):
   assert "sd3jax / diffusers" in bench.format_result(r)
 
 
+def test_vs_diffusers_refuses_another_optimizer():
+  with pytest.raises(ValueError, match="optimizer.name='muon'.*--config.optimizer.name=adamw"):
+    bench.bench_main(tiny("optimizer.name=muon"), steps=1, vs_diffusers=True)
+
+
 def test_compile_small_topology(capsys):
   r = compile_lib.compile_main(tiny("batch_size=8", arg="fsdp"), "v5p:2x2x1")
   assert r["num_devices"] == 4 and r["chip"] == "TPU v5p" and r["mesh"]["fsdp"] == 4

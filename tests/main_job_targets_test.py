@@ -5,8 +5,9 @@ autoencoder ceiling of at least 0.95.
 About 15 minutes on 2 CPU cores, so skipped unless SD3JAX_SLOW=1 (CI does not set it). With
 SD3JAX_MAIN_JOB_WORKDIR=DIR it checks a finished job's DIR/summary.json instead of running
 the job again (the README's fresh-clone run is checked that way).
-SD3JAX_MAIN_JOB_CONFIG=experiments/shapes.py:steps=9600 runs another variant of the job
-instead: the default misses the shape target, this one (about 25 minutes) meets it.
+SD3JAX_MAIN_JOB_CONFIG=experiments/shapes.py:ARG runs a variant of the job instead (e.g.
+steps=7200). The default misses the shape target; the earlier AdamW recipe with twice its
+steps met it (README, "Twice the training"; checked through SD3JAX_MAIN_JOB_WORKDIR).
 """
 import json
 import os
