@@ -411,10 +411,10 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       raise ConfigError(f"config.{key}={value} is out of range: it must be in {span}.")
 
   # Optimizer, schedules, checkpointing, logging.
-  optimizers = ("adamw", "muon")
-  if config.optimizer.get("name", "adamw") not in optimizers:
+  from sd3jax.optim import OPTIMIZERS  # pylint: disable=g-import-not-at-top
+  if config.optimizer.get("name", "adamw") not in OPTIMIZERS:
     raise ConfigError(f"config.optimizer.name={config.optimizer.name!r}; choose one of "
-                      f"{optimizers}.")
+                      f"{OPTIMIZERS}.")
   names = ("warmup_constant", "cosine", "wsd")
   if config.schedule.name not in names:
     raise ConfigError(f"config.schedule.name={config.schedule.name!r}; choose one of {names}.")

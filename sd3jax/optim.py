@@ -15,6 +15,7 @@ import optax
 from ml_collections import ConfigDict
 
 Schedule = Callable[[jax.Array], jax.Array]
+OPTIMIZERS = ("adamw", "muon")  # config.optimizer.name
 
 
 def make_schedule(sched: ConfigDict, peak: float, total_steps: int) -> Schedule:
@@ -64,8 +65,8 @@ def make_optimizer(opt: ConfigDict) -> optax.GradientTransformation:
   """Clip by global norm, then AdamW (or Muon on the blocks' matrices with AdamW on the rest,
   `opt.name = "muon"`); the learning rate is injected per step."""
   name = opt.get("name", "adamw")
-  if name not in ("adamw", "muon"):
-    raise ValueError(f"config.optimizer.name={name!r}: choose 'adamw' or 'muon'.")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name={name!r}; choose one of {OPTIMIZERS}.")
 
   def build(learning_rate):
     parts = []

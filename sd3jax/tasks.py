@@ -106,6 +106,9 @@ def loss_config(config: ConfigDict) -> vae_losses.VAELossConfig:
 def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
   """AdamW on "vae", AdamW(disc_b1, disc_b2) at lr * disc_lr_ratio on "disc"; clipped apart."""
   opt, v = config.optimizer, config.vae
+  if opt.get("name", "adamw") != "adamw":  # Muon's split is written for the MM-DiT's blocks
+    raise ValueError(f"config.optimizer.name={opt.name!r}: the VAE task trains with AdamW "
+                     "only; set --config.optimizer.name=adamw.")
 
   def build(learning_rate):
     def adamw(lr, b1, b2, wd):

@@ -311,3 +311,11 @@ def test_unknown_task_is_a_config_error(data_dir):
   config = tiny_vae(data_dir, task="gan")
   with pytest.raises(config_lib.ConfigError, match="config.task"):
     config_lib.validate(config, 2)
+
+
+def test_the_vae_task_refuses_muon():
+  config = config_lib.load(f"{EXPERIMENT}:4")
+  with config.unlocked():
+    config.optimizer.name = "muon"
+  with pytest.raises(ValueError, match="optimizer.name='muon'.*AdamW only"):
+    tasks.make_optimizer(config)
