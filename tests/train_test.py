@@ -344,6 +344,27 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_steps_the_rest():
     config_lib.validate(tiny("one_device", optimizer__name="sgd"), 1)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_muon_takes_every_block_matrix_in_either_layout(scan_layers):
+  """Muon finds the MM-DiT's block kernels whether the blocks are scanned (blocks_S,
+  (depth, in, out)) or not (block_I, (in, out)): the same matrices, and nothing outside."""
+  cfg = mmdit.MMDiTConfig(depth=3, hidden_size=64, num_heads=2, joint_attention_dim=32,
+                          pooled_projection_dim=32, pos_embed_max_size=16, sample_size=8,
+                          scan_layers=scan_layers)
+  params = nn.unbox(jax.eval_shape(lambda r: mmdit.init_params(cfg, r), jax.random.key(0)))
+  dims = jax.tree_util.tree_leaves_with_path(
+      optim._muon_dims(params), is_leaf=lambda x: x is None or hasattr(x, "reduction_axis"))
+  shapes = {jax.tree_util.keystr(k): v.shape for k, v in
+            jax.tree_util.tree_leaves_with_path(params)}
+  taken = [jax.tree_util.keystr(k) for k, d in dims if d is not None]
+  matrices = sum(shapes[k][0] if len(shapes[k]) == 3 else 1 for k in taken)
+  # Per block: q, k, v, proj, fc1, fc2 and adaLN for both streams, the last block's context
+  # stream keeping q, k, v and its adaLN only.
+  assert matrices == 2 * 14 + 11, taken
+  assert all("block" in k and k.endswith("['kernel']") for k in taken), taken
+  assert not any("embed" in k or "norm_out" in k or "proj_out" in k for k in taken), taken
+
+
 def test_peak_table():
   assert metrics_lib.peak_tflops("TPU v5 lite") == 197.0
   assert metrics_lib.peak_tflops("TPU v5") == 459.0
