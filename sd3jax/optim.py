@@ -6,7 +6,6 @@ is exactly the one applied. It is fed in through `optax.inject_hyperparams`.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
+
+from sd3jax.models.mmdit import BLOCK_NAME
 
 Schedule = Callable[[jax.Array], jax.Array]
 OPTIMIZERS = ("adamw", "muon")  # config.optimizer.name
@@ -47,10 +48,6 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
-# mmdit.block_names: "blocks_S" per scanned segment, "block_I" per layer otherwise.
-_BLOCK = re.compile(r"blocks?_\d+")
-
-
 def _muon_dims(params: Any) -> Any:
   """Which weights Muon orthogonalises: the transformer blocks' matrices, as (in, out), or
   (depth, in, out) when the blocks are scanned (depth is a batch axis). Everything else
@@ -59,7 +56,7 @@ def _muon_dims(params: Any) -> Any:
 
   def dims(path, p):
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    in_block = any(_BLOCK.fullmatch(str(n)) for n in names)
+    in_block = any(BLOCK_NAME.fullmatch(str(n)) for n in names)
     if not in_block or names[-1] != "kernel" or p.ndim not in (2, 3):
       return None
     return MuonDimensionNumbers(p.ndim - 2, p.ndim - 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -269,6 +270,10 @@ def segments(cfg: MMDiTConfig) -> list[tuple[int, int, bool, bool]]:
     else:
       runs.append((i, 1, *kind))
   return runs
+
+
+# Matches every name block_names can give, in either layout (optim's Muon split reads it).
+BLOCK_NAME = re.compile(r"blocks?_\d+")
 
 
 def block_names(cfg: MMDiTConfig) -> list[str]:
