@@ -148,8 +148,14 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
                       "descriptor) of images that are not copies of the source: scores are "
                       "normalised against them, as SSCD's (default: the descriptor's own, if "
                       "any).", flag_values=flag_values)
-  flags.DEFINE_string("source", None, "dedup cluster: the embedded source (for the keep rule "
-                      "and the pairs grid).", flag_values=flag_values)
+  flags.DEFINE_string("source", None, "dedup cluster: the embedded source (for the keep rule, "
+                      "the pairs grid and verification).", flag_values=flag_values)
+  flags.DEFINE_boolean("verify", None, "dedup cluster: verify candidate pairs on the pixels "
+                       "(default: when the descriptor carries measured verification settings, "
+                       "as the demo's CopyNet does; --noverify: off).", flag_values=flag_values)
+  flags.DEFINE_float("verify_threshold", None, "dedup cluster: the largest verification score "
+                     "(worst-window RMS colour difference after alignment) of a duplicate "
+                     "pair; turns verification on.", flag_values=flag_values)
   flags.DEFINE_string("embeddings", None, "dedup memorisation: descriptors of the run's "
                       "training images (default: embedded now, into RUN/memorisation).",
                       flag_values=flag_values)
@@ -470,8 +476,8 @@ def _ingest(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 @command("dedup", "Near-duplicate removal and memorisation checks with copy-detection "
          "descriptors: embed, cluster, train, memorisation, demo.",
          needs_workdir=False, needs_config=False,
-         flags=("descriptor", "threshold", "background", "source", "storage_dtype", "part_size",
-                "neighbours", "workdir",
+         flags=("descriptor", "threshold", "background", "source", "verify", "verify_threshold",
+                "storage_dtype", "part_size", "neighbours", "workdir",
                 "embeddings", "num", "steps", "seed", "coordinator_address", "num_processes",
                 "process_id"),
          examples=(
@@ -485,8 +491,9 @@ def _ingest(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 def _dedup(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   import json as json_lib
   usage_text = ("usage: sd3jax dedup embed SOURCE OUT --descriptor D | cluster DESCRIPTORS OUT "
-                "[--source SOURCE] [--threshold T] [--background BG] | train SOURCE OUT | memorisation --workdir "
-                "RUN --descriptor D | demo OUT")
+                "[--source SOURCE] [--threshold T] [--background BG] [--[no]verify] "
+                "[--verify_threshold V] | train SOURCE OUT | memorisation --workdir RUN "
+                "--descriptor D | demo OUT")
   sub, rest = (args[0], list(args[1:])) if args else ("", [])
   want = {"embed": 2, "cluster": 2, "train": 2, "memorisation": 0, "demo": 1}
   if sub not in want or len(rest) != want[sub]:
@@ -508,7 +515,8 @@ def _dedup_run(sub: str, rest: list[str], config, workdir, fv) -> dict:
     from sd3jax.dedup import cluster
     result = cluster.cluster(rest[0], rest[1], threshold=fv.threshold, k=fv.neighbours,
                              source=open_source(fv.source) if fv.source else None,
-                             background=fv.background)
+                             background=fv.background, verify=fv.verify,
+                             verify_threshold=fv.verify_threshold)
   elif sub == "train":
     from sd3jax.dedup import copy_net
     result = copy_net.train_on_source(open_source(rest[0]), rest[1], seed=fv.seed)
@@ -523,7 +531,7 @@ def _dedup_run(sub: str, rest: list[str], config, workdir, fv) -> dict:
   else:
     from sd3jax.dedup import demo
     result = demo.run_demo(rest[0])
-    result = {k: v for k, v in result.items() if k not in ("curve", "validation_curve")}
+    result = {k: v for k, v in result.items() if not k.endswith("curve")}
   return result
 
 

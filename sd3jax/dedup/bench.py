@@ -1,4 +1,5 @@
-"""Dedup throughput on this machine: descriptors per second, kNN queries per second, memory.
+"""Dedup throughput on this machine: descriptors, kNN queries and pair verifications per
+second, and index memory.
 
   python -m sd3jax.dedup.bench [--descriptor DIR] [--sscd] [--million 1] [--out FILE.json]
 
@@ -6,6 +7,7 @@ Descriptors: the compiled descriptor over the local devices, on random images at
 size (decoding is not included; it is measured separately on PNG bytes). Search: random unit
 vectors, an exact flat index (on 100k) and an IVF-PQ index (on `million` x 1M), each queried
 with 10k of its own vectors for the 10 nearest; memory is faiss's serialised index size.
+Verification: shapes scenes against edited copies, decoded beforehand, batches of 64.
 """
 from __future__ import annotations
 
@@ -50,6 +52,19 @@ def decode_speed(n: int = 512, size: int = 64) -> dict[str, Any]:
     prepare(d, 64)
   return {"what": f"PNG {size}x{size} decode + resize, one thread",
           "images_per_second": round(n / (time.perf_counter() - t), 1)}
+
+
+def verify_speed(pairs: int = 64, size: int = 64) -> dict[str, Any]:
+  from sd3jax.dedup import shapes_duplicates, verify
+  from sd3jax.dedup.descriptors import prepare
+  rng = np.random.default_rng(0)
+  scenes = shapes_duplicates.unique_scenes(pairs, height=size, width=size)
+  a = np.stack([s["image"] for s in scenes])
+  b = np.stack([prepare(shapes_duplicates.near_copy(s["image"], rng)[0], size) for s in scenes])
+  cfg = verify.VerifyConfig(size=size)
+  seconds = _timed(lambda: verify.verify_images(a, b, cfg)["score"])
+  return {"what": f"pair verification at {size}x{size}, batches of {pairs}",
+          "pairs_per_second": round(pairs / seconds, 1)}
 
 
 def search_speed(n: int, d: int, *, exact: bool, queries: int = 10_000, k: int = 10,
@@ -104,6 +119,7 @@ def main(argv=None) -> None:
                                      {"params": p}, sscd.preprocess(x, s)))
       out["descriptors"].append(descriptor_speed(d, batch=32))
   out["decode"] = decode_speed()
+  out["verify"] = verify_speed()
   out["search"] = [search_speed(100_000, 128, exact=True), search_speed(100_000, 512, exact=True),
                    search_speed(args.million * 1_000_000, 128, exact=False),
                    search_speed(args.million * 1_000_000, 512, exact=False)]

@@ -10,10 +10,14 @@ threshold, join pairs into clusters, keep one image per cluster.
      to true similarities whichever index proposed them.
      With a background (score_norm.py), each similarity is normalised first: minus how
      close the two images are to images that are not their copies.
-  2. Pairs at or above the threshold are the edges of a graph; its connected components
+  2. With verification (verify.py; on by default when the descriptor carries its measured
+     settings), each pair at or above the threshold is a candidate, and it stays only if
+     the pixels agree: aligned by a crop / shift / colour edit, no window differs by more
+     than the verification threshold.
+  3. The remaining pairs are the edges of a graph; its connected components
      (scipy.sparse.csgraph, the union-find result) are the clusters.
-  3. Kept per cluster: the largest image (pixel area), then the lowest index: deterministic.
-  4. filter.json + drop.npy (sd3jax.dedup.filter), report.json, a histogram of nearest-
+  4. Kept per cluster: the largest image (pixel area), then the lowest index: deterministic.
+  5. filter.json + drop.npy (sd3jax.dedup.filter), report.json, a histogram of nearest-
      neighbour similarities, and a grid of the pairs closest to the threshold on each side.
 """
 from __future__ import annotations
@@ -28,10 +32,12 @@ from tqdm import tqdm
 
 from sd3jax.dedup import filter as filter_lib
 from sd3jax.dedup import score_norm
+from sd3jax.dedup import verify as verify_lib
 from sd3jax.dedup.embed import load_descriptors
 from sd3jax.dedup import DedupError
 
 REPORT = "report.json"
+CANDIDATES = "candidates.npz"  # with verification: every candidate pair and its two scores
 
 
 def build_index(x: np.ndarray, *, exact_limit: int = 200_000, nlist: int | None = None,
@@ -155,9 +161,9 @@ def plot_histogram(path: str, nearest: np.ndarray, threshold: float, title: str,
   plt.close(fig)
 
 
-def plot_pairs(path: str, source, pairs: Sequence[tuple[int, int, float]], threshold: float,
+def plot_pairs(path: str, source, pairs: Sequence[tuple[int, int, str, bool]], title: str,
                size: int = 96) -> None:
-  """Pairs as rows of (a | b) with their similarity: the decisions nearest the threshold."""
+  """Pairs as (a | b), titled with their scores, red when joined: the closest decisions."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -166,12 +172,12 @@ def plot_pairs(path: str, source, pairs: Sequence[tuple[int, int, float]], thres
   fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 1.4), squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
-  for ax, (i, j, s) in zip(axes.flat, pairs):
+  for ax, (i, j, label, joined) in zip(axes.flat, pairs):
     a, b = _images(source, [i, j], size)
     ax.imshow(np.concatenate([a, np.full((size, 4, 3), 255, np.uint8), b], 1))
-    ax.set_title(f"{i} | {j}: {s:.3f} {'dup' if s >= threshold else 'kept'}", fontsize=7,
-                 color="#c44e52" if s >= threshold else "#333333")
-  fig.suptitle(f"pairs nearest the threshold {threshold:.3f} (red: joined)", fontsize=9)
+    ax.set_title(f"{i} | {j}: {label} {'dup' if joined else 'kept'}", fontsize=7,
+                 color="#c44e52" if joined else "#333333")
+  fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -205,15 +211,42 @@ def _background(descriptors: str, desc: dict[str, Any], background: str | None,
   return bg, score_norm.settings(bg, norm["beta"], norm["neighbours"])
 
 
+def _verification(desc: dict[str, Any], verify: bool | None, verify_threshold: float | None,
+                  threshold: float | None, source) -> tuple[dict[str, Any] | None, float | None]:
+  """(verification settings or None, the descriptor threshold for candidates)."""
+  stored = desc.get("verify")
+  if verify is None:
+    verify = bool(stored) or verify_threshold is not None
+  if not verify:
+    return None, threshold
+  if verify_threshold is None and not stored:
+    raise DedupError(f"descriptor {desc['name']} carries no measured verification threshold: "
+                     "give --verify_threshold (e.g. from the dedup demo's report), or --noverify.")
+  if source is None:
+    raise DedupError("pair verification compares the images: give --source (the source these "
+                     "descriptors were embedded from), or --noverify.")
+  settings = {"threshold": float(verify_threshold if verify_threshold is not None
+                                 else stored["threshold"]),
+              "config": (stored or {}).get("config",
+                                            verify_lib.config_dict(verify_lib.VerifyConfig()))}
+  if threshold is None and stored:
+    threshold = stored["candidate_threshold"]
+  return settings, threshold
+
+
 def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k: int = 10,
-            source=None, background: str | None = None, plots: bool = True,
+            source=None, background: str | None = None, verify: bool | None = None,
+            verify_threshold: float | None = None, plots: bool = True,
             progress: bool = True, **index_kwargs) -> dict[str, Any]:
   """Clusters a finished descriptors folder; writes the filter and the report to out_dir.
 
   Scores are normalised (score_norm.py) when the descriptor carries a background or
-  `background` names a descriptors folder of the same descriptor."""
+  `background` names a descriptors folder of the same descriptor. Candidate pairs are
+  verified on the pixels (verify.py) when `verify`, or by default when the descriptor
+  carries verification settings; `threshold` then selects the candidates."""
   x, manifest = load_descriptors(descriptors)
   desc = manifest["descriptor"]
+  checked, threshold = _verification(desc, verify, verify_threshold, threshold, source)
   bg, norm = _background(descriptors, desc, background, threshold)
   if threshold is None:
     threshold = desc.get("threshold")
@@ -227,6 +260,16 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
   if norm:
     sims = score_norm.normalise(x, ids, sims, bg, norm)
   i, j, s = pairs_at(ids, sims, threshold)
+  candidates = len(i)
+  if checked:
+    vcfg = verify_lib.VerifyConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in checked["config"].items()})
+    vs = verify_lib.verify_pairs(source, i, j, vcfg, progress=progress)
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, CANDIDATES), i=i, j=j, score=s, verify_score=vs)
+    ok = vs <= checked["threshold"]
+    rejected = (i[~ok], j[~ok], s[~ok], vs[~ok])
+    i, j, s, vs = i[ok], j[ok], s[ok], vs[ok]
   labels = components(len(x), i, j)
   areas = None
   if source is not None and hasattr(source, "image_sizes"):
@@ -238,7 +281,7 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
   report = {
       "descriptors": os.path.abspath(descriptors), "descriptor": desc,
       "num_examples": int(len(x)), "threshold": float(threshold), "score_norm": norm,
-      "index": info,
+      "index": info, "verify": checked, "num_candidates": int(candidates),
       "num_pairs": int(len(i)), "num_clusters": int((sizes > 1).sum()),
       "cluster_sizes": hist, "num_dropped": int((~keep).sum()), "num_kept": int(keep.sum()),
       "keep_rule": "largest image (pixel area), then lowest index",
@@ -246,7 +289,7 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
   filter_lib.write_filter(out_dir, source_identity=manifest["source"],
                           num_examples=len(x), drop=np.flatnonzero(~keep),
                           info={"threshold": float(threshold), "score_norm": norm,
-                                "descriptor": desc,
+                                "descriptor": desc, "verify": checked,
                                 "keep_rule": report["keep_rule"],
                                 "num_clusters": report["num_clusters"]})
   nearest = sims.max(1) if k else np.zeros(len(x))
@@ -255,11 +298,22 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
                    f"{len(x)} images, {desc['name']}: {report['num_clusters']} clusters, "
                    f"{report['num_dropped']} dropped",
                    "normalised similarity" if norm else "similarity")
-    if source is not None:
+    if checked:  # the verified pairs and rejected candidates nearest the verification threshold
+      both = [(int(a), int(b), float(v), True) for a, b, v in zip(i, j, vs)]
+      both += [(int(a), int(b), float(v), False) for a, b, _, v in zip(*rejected)]
+      both = sorted(both, key=lambda p: abs(p[2] - checked["threshold"]))[:16]
+      plot_pairs(os.path.join(out_dir, "pairs.png"), source,
+                 [(a, b, f"verify {v:.3f}", ok) for a, b, v, ok in sorted(both,
+                                                                          key=lambda p: p[2])],
+                 f"candidates nearest the verification threshold {checked['threshold']:.3f} "
+                 "(red: joined)")
+    elif source is not None:
       a, b, ps = pairs_at(ids, sims, -np.inf)
       order = np.argsort(np.abs(ps - threshold))[:16]
       near = sorted(((int(a[o]), int(b[o]), float(ps[o])) for o in order), key=lambda p: -p[2])
-      plot_pairs(os.path.join(out_dir, "pairs.png"), source, near, threshold)
+      plot_pairs(os.path.join(out_dir, "pairs.png"), source,
+                 [(a, b, f"{v:.3f}", v >= threshold) for a, b, v in near],
+                 f"pairs nearest the threshold {threshold:.3f} (red: joined)")
   with open(os.path.join(out_dir, REPORT), "w") as f:
     json.dump(report, f, indent=2)
   return report

@@ -48,10 +48,14 @@ class Descriptor:
   # and the settings; when set, `threshold` applies to normalised scores.
   background: np.ndarray | None = None
   score_norm: dict[str, Any] | None = None
+  # Pair verification measured with it (sd3jax.dedup.verify): {"candidate_threshold",
+  # "threshold", "config"}; `dedup cluster` then verifies its candidates by default.
+  verify: dict[str, Any] | None = None
 
   def info(self) -> dict[str, Any]:
     return {"name": self.name, "fingerprint": self.fingerprint, "size": self.size,
-            "dims": self.dims, "threshold": self.threshold, "score_norm": self.score_norm}
+            "dims": self.dims, "threshold": self.threshold, "score_norm": self.score_norm,
+            "verify": self.verify}
 
 
 def _fingerprint(params: Any, kind: str) -> str:
@@ -99,7 +103,8 @@ def copy_net(path: str) -> Descriptor:
                             "folder `sd3jax dedup train` wrote.")
   return Descriptor("copy_net", _fingerprint(params, f"copy_net|{meta['config']}"), size,
                     model.config.dims, fn, threshold=meta.get("threshold"),
-                    background=background, score_norm=meta.get("score_norm"))
+                    background=background, score_norm=meta.get("score_norm"),
+                    verify=meta.get("verify"))
 
 
 def sscd(path: str, size: int = 320) -> Descriptor:

@@ -58,9 +58,9 @@ def _check_or_write_plan(path: str, plan: dict[str, Any]) -> None:
   with open(fname) as f:
     found = json.load(f)
 
-  def identity(p):  # a descriptor's threshold and score settings do not change its vectors
+  def identity(p):  # thresholds, score and verification settings do not change its vectors
     return {**p, "descriptor": {k: v for k, v in p["descriptor"].items()
-                                if k not in ("threshold", "score_norm")}}
+                                if k not in ("threshold", "score_norm", "verify")}}
   plan_id, found_id = identity(plan), identity(found)
   diff = sorted(k for k in set(plan_id) | set(found_id) if plan_id.get(k) != found_id.get(k))
   if diff:
