@@ -20,7 +20,7 @@ after the descriptor's kNN and before the clusters:
      the worst `window` x `window` window of the overlap, so a distinct scene differs
      somewhere by a whole object part, whereas a copy differs everywhere by a little
      (resampling, JPEG). Windows with less than half their pixels in the overlap are not
-     scored, and neither are pairs whose overlap is below `min_overlap` of the frame: no
+     scored, and neither are pairs whose overlap is below `min_overlap` of either frame: no
      copy edit hides that much of a picture.
 
 Lower scores mean more alike. A pair is a duplicate when its descriptor score reaches the
@@ -57,7 +57,7 @@ class VerifyConfig:
   smooth: int = 1                 # 3x3 binomial passes over the residual before it is scored
   chroma_smooth: int = 2          # extra passes over its chroma (JPEG stores chroma at half size)
   margin: int = 2                 # pixels at the frame's edge left out (edge padding, resampling)
-  min_overlap: float = 0.7        # below this overlap of the frame, a pair is no copy
+  min_overlap: float = 0.7        # below this overlap of either frame, a pair is no copy
 
 
 def _downsample(x: jax.Array, factor: int) -> jax.Array:
@@ -220,7 +220,9 @@ def _verify_batch(a: jax.Array, b: jax.Array, cfg: VerifyConfig) -> dict[str, ja
     thetas, losses, rs, ws = jax.vmap(fit)(jnp.asarray(cfg.scales, jnp.float32))
     k = jnp.argmin(losses)
     r, w = rs[k], ws[k]
-    overlap = jnp.sum(w) / jnp.sum(frames[-1])
+    # Of a's frame, and of b's: a's frame covers sy * sx of b's area (less outside it).
+    covered = jnp.sum(w) / jnp.sum(frames[-1])
+    overlap = jnp.minimum(covered, covered * thetas[k][0] * thetas[k][1])
     if cfg.chroma_smooth:
       r = r @ jnp.asarray(YCBCR, r.dtype).T
       r = jnp.concatenate([r[..., :1], _smooth(r[..., 1:], cfg.chroma_smooth)], -1)
