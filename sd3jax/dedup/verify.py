@@ -12,14 +12,16 @@ after the descriptor's kNN and before the clusters:
      global colour map. The colour family is alpha * x + beta * luma(x) + gamma: brightness,
      contrast and saturation edits all lie in it (PIL's definitions), and it is closed under
      composition. alpha > 0, so it cannot swap hues. The geometric parameters are fitted by
-     Levenberg-Marquardt on a coarse-to-fine blur pyramid, started from a few scales with
-     the translation from FFT cross-correlation. At every step the colour map is solved in
-     closed form (weighted least squares), and the best start wins.
+     damped Gauss-Newton (Lucas-Kanade) on a coarse-to-fine pyramid of area-downsampled
+     images, started from a few scales with the translation from FFT cross-correlation.
+     At every step the colour map is solved in closed form (weighted least squares), and
+     the best start wins.
   3. The score is local, in the spirit of the tiled L2 distance of Carlini et al. 2023
      ("Extracting training data from diffusion models"). It is the RMS colour residual in
      the worst `window` x `window` window of the overlap, so a distinct scene differs
      somewhere by a whole object part, whereas a copy differs everywhere by a little
-     (resampling, JPEG). Windows with less than half their pixels in the overlap are not
+     (resampling, JPEG). The residual is smoothed first, its chroma more than its luma
+     (JPEG stores chroma at half resolution). Windows with less than half their pixels in the overlap are not
      scored, and neither are pairs whose overlap is below `min_overlap` of either frame: no
      copy edit hides that much of a picture.
 
