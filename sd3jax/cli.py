@@ -117,7 +117,7 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
                       'blue".', flag_values=flag_values)
   flags.DEFINE_float("image-cfg", None, "edit: image guidance scale (default: the run's; 2.5 "
                      "in shapes_edit).", flag_values=flag_values)
-  flags.DEFINE_float("text-cfg", None, "edit: text guidance scale (default: the run's; 5 in "
+  flags.DEFINE_float("text-cfg", None, "edit: text guidance scale (default: the run's; 4 in "
                      "shapes_edit).", flag_values=flag_values)
   # bench / compile / scaling (sd3jax.bench, sd3jax.compile, sd3jax.scaling).
   flags.DEFINE_bool("vs-diffusers", False, "bench: also time diffusers + torch AdamW, same run.",
