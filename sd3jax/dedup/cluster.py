@@ -262,9 +262,8 @@ def cluster(descriptors: str, out_dir: str, *, threshold: float | None = None, k
   i, j, s = pairs_at(ids, sims, threshold)
   candidates = len(i)
   if checked:
-    vcfg = verify_lib.VerifyConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in checked["config"].items()})
-    vs = verify_lib.verify_pairs(source, i, j, vcfg, progress=progress)
+    vs = verify_lib.verify_pairs(source, i, j, verify_lib.config_from_dict(checked["config"]),
+                                 progress=progress)
     os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, CANDIDATES), i=i, j=j, score=s, verify_score=vs)
     ok = vs <= checked["threshold"]

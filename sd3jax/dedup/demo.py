@@ -142,10 +142,9 @@ def _score_filter(folder: str, truth: np.ndarray) -> dict[str, float]:
   """Pair precision / recall of a `cluster` output folder (its joined pairs) against truth."""
   with open(os.path.join(folder, cluster_lib.REPORT)) as f:
     report = json.load(f)
-  cand = np.load(os.path.join(folder, cluster_lib.CANDIDATES))
-  ok = cand["verify_score"] <= report["verify"]["threshold"]
-  return cluster_lib.pair_scores(
-      cluster_lib.components(len(truth), cand["i"][ok], cand["j"][ok]), truth)
+  cand = dict(np.load(os.path.join(folder, cluster_lib.CANDIDATES)))
+  return _verified_curve(len(truth), cand, truth, report["threshold"],
+                         [report["verify"]["threshold"]])[0]
 
 
 def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.05,

@@ -269,4 +269,10 @@ def verify_pairs(source, i: np.ndarray, j: np.ndarray, cfg: VerifyConfig = Verif
 
 
 def config_dict(cfg: VerifyConfig) -> dict[str, Any]:
+  """The settings as JSON stores them (stored with a descriptor; config_from_dict reverses)."""
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_dict(d: dict[str, Any]) -> VerifyConfig:
+  """A VerifyConfig from config_dict's output (lists back to tuples: the config is hashed)."""
+  return VerifyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
