@@ -36,7 +36,7 @@ THRESHOLDS = np.round(np.arange(-0.5, 1.0001, 0.0025), 4)
 # With verification: candidates from normalised scores >= 0 (every validation copy pair
 # of the README's run scored above 0.2), verification scores are RMS colour differences.
 CANDIDATE_THRESHOLDS = np.round(np.arange(0.0, 0.5001, 0.025), 4)
-VERIFY_THRESHOLDS = np.round(np.arange(0.0, 0.5001, 0.005), 4)
+VERIFY_THRESHOLDS = np.round(np.arange(0.0, 0.5001, 0.0025), 4)
 
 
 def _embed(records_dir: str, out: str, descriptor, progress: bool):
@@ -149,7 +149,7 @@ def _score_filter(folder: str, truth: np.ndarray) -> dict[str, float]:
 
 def run_demo(out_dir: str, *, num_unique: int = 2000, copy_fraction: float = 0.05,
              train_scenes: int = 4096, train_steps: int = 600,
-             more_test_seeds: tuple[int, ...] = (5, 6, 7), progress: bool = True
+             more_test_seeds: tuple[int, ...] = tuple(range(5, 14)), progress: bool = True
              ) -> dict[str, Any]:
   """Runs (or resumes: finished steps are kept) the demo in out_dir; returns demo.json."""
   os.makedirs(out_dir, exist_ok=True)
