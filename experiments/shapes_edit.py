@@ -31,7 +31,8 @@ and sample) 0.28 / 0.30; lr 2e-3 0.52 / 0.52; lr 2e-3 for 3,200 steps 0.57 / 0.6
 image guidance 1.5. 3,200 steps is what fits the 10-minute budget of the three stages (on
 the faster 2-core machine). Muon (lr 6e-3) instead of AdamW (lr 2e-3), from the Muon main
 job, at image guidance 2.5: 0.70 / 0.86 against 0.58 / 0.75, for 828 s of training against
-760 s on the slower machine.
+760 s on the slower machine. edit_steps=6400 (twice the steps, 1,842 s of training there):
+0.80 / 0.87 at 2.5 / 4, against 0.71 / 0.90; move and recolour preservation still short.
 
 `arg` is experiments/shapes.py's ("[smoke][,key=value...]"), plus edit_steps=N.
 """
