@@ -59,7 +59,7 @@ Why this sizing (each line measured on this 2-core CPU; README "diagnostic ladde
     0.44; Muon lr 4e-3 0.98 / 0.70 / 0.99, 0.52; Muon lr 6e-3 0.99 / 0.72 / 1.00, 0.56
     (validation loss 0.293 / 0.265 / 0.262 / 0.261; all at CFG 3). With Muon the
     embedders' AdamW also runs at lr 6e-3; at 4e-3 alone (AdamW everywhere) it had
-    collapsed.
+    collapsed. Muon lr 8e-3 fell back: shape 0.70 against 0.83 at CFG 5 (400 prompts).
   - Seeds: with `--config.seed=1` shape fell to 0.65 on the job's own eval (seed 0: 0.87)
     and 0.75 on 400 other prompts (seed 0 on the same prompts: 0.825), so the shape target
     is met narrowly and not for every seed. The earlier AdamW recipe with twice its steps
