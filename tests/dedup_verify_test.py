@@ -142,3 +142,10 @@ def test_verification_without_the_images_or_a_threshold_is_refused(trio, tmp_pat
                      timeout=300)
   assert r.returncode == 2 and "give --source" in r.stderr, r.stderr
   assert not os.path.exists(tmp_path / "f")  # nothing half-written
+
+
+def test_stored_settings_round_trip_and_older_ones_keep_full_chroma_weight():
+  cfg = verify.VerifyConfig()
+  assert verify.config_from_dict(verify.config_dict(cfg)) == cfg
+  older = {k: v for k, v in verify.config_dict(cfg).items() if k != "chroma_weight"}
+  assert verify.config_from_dict(older).chroma_weight == 1.0 != cfg.chroma_weight

@@ -278,5 +278,9 @@ def config_dict(cfg: VerifyConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> VerifyConfig:
-  """A VerifyConfig from config_dict's output (lists back to tuples: the config is hashed)."""
+  """A VerifyConfig from config_dict's output (lists back to tuples: the config is hashed).
+
+  Settings stored before `chroma_weight` existed scored chroma at full weight, and their
+  stored threshold was measured so: they keep 1.0, not today's default."""
+  d = {"chroma_weight": 1.0, **d}
   return VerifyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
