@@ -374,6 +374,17 @@ def prompt_following_line(scores: dict[str, float]) -> str:
       f"{words} {scores[key]:.2f}" for key, words in _SCORE_WORDS if key in scores)
 
 
+def objects_drawn_line(scores: dict[str, float]) -> str:
+  """'objects drawn minus asked: ...' from the checker's extra_objects_* keys ('' without)."""
+  parts = []
+  if "extra_objects_single" in scores:
+    parts.append(f"one-object prompts {scores['extra_objects_single']:+.2f}")
+  if "extra_objects_multi" in scores:
+    parts.append(f"counts and pairs {scores['extra_objects_multi']:+.2f} (exactly as many: "
+                 f"{scores['exact_objects_multi']:.2f})")
+  return "objects drawn minus asked: " + ", ".join(parts) if parts else ""
+
+
 def print_summary(s: dict[str, Any]) -> None:
   secs = s["seconds"]
   print("\nsd3jax run: done")
@@ -385,6 +396,8 @@ def print_summary(s: dict[str, Any]) -> None:
           f"{s['cond_gap']:.4f} ({100 * s['cond_gap_rel']:.1f}% of the dropped loss)")
   if s.get("shapes"):
     print("  " + prompt_following_line(s["shapes"]))
+    if objects_drawn_line(s["shapes"]):
+      print("  " + objects_drawn_line(s["shapes"]))
   if s.get("ceiling"):
     c = s["ceiling"]
     words = dict(_SCORE_WORDS[:3])

@@ -240,6 +240,25 @@ def test_single_object_attributes_use_the_dominant_object():
     C.score_images([img, img], [_spec("color", ("square", "blue", None))])
 
 
+def test_objects_drawn_against_asked():
+  three = _scene([{"shape": "circle", "color": "red", "cell": 0},
+                  {"shape": "circle", "color": "red", "cell": 4},
+                  {"shape": "square", "color": "blue", "cell": 8}])
+  two = _scene([{"shape": "circle", "color": "red", "cell": 2},
+                {"shape": "triangle", "color": "green", "cell": 6}])
+  specs = [_spec("color", ("circle", "red", None)),                      # 3 drawn, 1 asked
+           _spec("single_object", ("triangle", None, None)),             # 2 drawn, 1 asked
+           _spec("count", *[("circle", "red", None)] * 2),               # 3 drawn, 2 asked
+           _spec("two_objects", ("circle", "red", None), ("triangle", "green", None))]
+  s = C.score_images([three, two, three, two], specs)
+  assert s["count"] == 1.0 and s["two_objects"] == 1.0  # other objects are allowed there
+  assert s["extra_objects_single"] == pytest.approx(1.5)  # (2 + 1) / 2
+  assert s["extra_objects_multi"] == pytest.approx(0.5)   # (1 + 0) / 2
+  assert s["exact_objects_multi"] == pytest.approx(0.5)
+  only_single = C.score_images([two], specs[1:2])
+  assert "extra_objects_multi" not in only_single and "exact_objects_multi" not in only_single
+
+
 # ----------------------------------------------------------------------------
 # FID and CLIP score.
 # ----------------------------------------------------------------------------

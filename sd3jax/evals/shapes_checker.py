@@ -69,6 +69,13 @@ wrong on every attribute). Then
                        the fraction whose dominant object is in that cell.
 Each attribute is judged on its own (a red square for "a red circle" counts
 for colour, not for shape). `n_attribute_*` gives each denominator.
+
+How many objects are drawn, whatever their attributes (why counts fail: a
+small model guided at CFG 5 draws too many, not too few):
+  extra_objects_single / _multi  mean (detected - asked) objects over the
+                     one-object prompts / the count and two-object prompts;
+  exact_objects_multi  fraction of count and two-object prompts whose image
+                     holds exactly the asked number of objects.
 """
 from __future__ import annotations
 
@@ -409,7 +416,7 @@ def score_detections(detections: Sequence[Mapping[str, Any]],
   """score_prompt on already detected objects (see the module docstring)."""
   category = prompt_spec["category"]
   spec_objs = prompt_spec["objects"]
-  details: dict[str, Any] = {"num_detected": len(detections)}
+  details: dict[str, Any] = {"num_detected": len(detections), "num_asked": len(spec_objs)}
   if category == "count":
     target = spec_objs[0]
     if any(dict(o) != dict(target) for o in spec_objs):
@@ -445,7 +452,8 @@ def score_prompt(image: Any, prompt_spec: Mapping[str, Any], background: Any = N
 
 def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
   """Accuracy per category present, `overall` (mean over those categories,
-  as GenEval averages its task scores), `n`, and the attribute accuracies."""
+  as GenEval averages its task scores), `n`, the attribute accuracies, and how many objects
+  were drawn against how many were asked (the module docstring names each key)."""
   if not results:
     raise ValueError("No results to summarise.")
   out: dict[str, float | int] = {}
@@ -464,6 +472,13 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     if vals:  # Absent, not zero, when no prompt names the attribute.
       out[f"attribute_{key}"] = float(np.mean(vals))
       out[f"n_attribute_{key}"] = len(vals)
+  for group, asked_one in (("single", True), ("multi", False)):
+    drawn = [(r["details"]["num_detected"], r["details"]["num_asked"]) for r in results
+             if (r["details"]["num_asked"] == 1) == asked_one]
+    if drawn:  # Absent when no prompt of the group was scored.
+      out[f"extra_objects_{group}"] = float(np.mean([d - a for d, a in drawn]))
+      if not asked_one:
+        out["exact_objects_multi"] = float(np.mean([d == a for d, a in drawn]))
   return out
 
 
