@@ -396,8 +396,9 @@ def print_summary(s: dict[str, Any]) -> None:
           f"{s['cond_gap']:.4f} ({100 * s['cond_gap_rel']:.1f}% of the dropped loss)")
   if s.get("shapes"):
     print("  " + prompt_following_line(s["shapes"]))
-    if objects_drawn_line(s["shapes"]):
-      print("  " + objects_drawn_line(s["shapes"]))
+    drawn = objects_drawn_line(s["shapes"])
+    if drawn:
+      print("  " + drawn)
   if s.get("ceiling"):
     c = s["ceiling"]
     words = dict(_SCORE_WORDS[:3])

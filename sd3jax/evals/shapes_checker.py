@@ -472,13 +472,14 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     if vals:  # Absent, not zero, when no prompt names the attribute.
       out[f"attribute_{key}"] = float(np.mean(vals))
       out[f"n_attribute_{key}"] = len(vals)
-  for group, asked_one in (("single", True), ("multi", False)):
-    drawn = [(r["details"]["num_detected"], r["details"]["num_asked"]) for r in results
-             if (r["details"]["num_asked"] == 1) == asked_one]
-    if drawn:  # Absent when no prompt of the group was scored.
-      out[f"extra_objects_{group}"] = float(np.mean([d - a for d, a in drawn]))
-      if not asked_one:
-        out["exact_objects_multi"] = float(np.mean([d == a for d, a in drawn]))
+  drawn = np.asarray([(r["details"]["num_detected"], r["details"]["num_asked"])
+                      for r in results]).reshape(-1, 2)
+  single, multi = drawn[drawn[:, 1] == 1], drawn[drawn[:, 1] > 1]
+  if len(single):  # Absent when no prompt of the group was scored.
+    out["extra_objects_single"] = float(np.mean(single[:, 0] - single[:, 1]))
+  if len(multi):
+    out["extra_objects_multi"] = float(np.mean(multi[:, 0] - multi[:, 1]))
+    out["exact_objects_multi"] = float(np.mean(multi[:, 0] == multi[:, 1]))
   return out
 
 
