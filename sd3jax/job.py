@@ -77,14 +77,29 @@ def stages_of(config: ConfigDict) -> tuple[str, ...]:
   return STAGES + (edit_stages.STAGES if "edit" in config.job else ())
 
 
+def _dataset_version(stage: str) -> str | None:
+  """The TFDS version of the dataset a stage renders: a new release (other scenes) must not
+  reuse a workdir's old data, records or weights."""
+  if stage == "data":
+    from sd3jax.data import shapes_tfds
+    return str(shapes_tfds.Sd3jaxShapes.VERSION)
+  if stage == "edit_data":
+    from sd3jax.data import shapes_edit
+    return str(shapes_edit.Sd3jaxShapesEdit.VERSION)
+  return None
+
+
 def fingerprints(config: ConfigDict) -> dict[str, str]:
-  """Stage -> sha256 of the settings it and every stage before it depend on."""
+  """Stage -> sha256 of the settings (and dataset version) it and every stage before it
+  depend on."""
   from sd3jax.edit import stages as edit_stages
   depends = {**_DEPENDS, **edit_stages.DEPENDS}
   out, running = {}, hashlib.sha256()
   for stage in stages_of(config):
     for key in depends[stage]:
       running.update(json.dumps([key, _lookup(config, key)], sort_keys=True, default=str).encode())
+    if _dataset_version(stage):
+      running.update(json.dumps(["dataset_version", _dataset_version(stage)]).encode())
     out[stage] = running.copy().hexdigest()[:16]
   return out
 

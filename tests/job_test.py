@@ -207,6 +207,17 @@ def test_fingerprints_cover_upstream_stages():
   assert [s for s in job.STAGES if base[s] != changed[s]] == list(job.STAGES[2:])
 
 
+def test_fingerprints_cover_the_shapes_dataset_version(monkeypatch):
+  """A new shapes release (other scenes) invalidates every stage: old data is never reused."""
+  import tensorflow_datasets as tfds
+  from sd3jax.data import shapes_tfds
+  config = config_lib.load(SMOKE)
+  base = job.fingerprints(config)
+  monkeypatch.setattr(shapes_tfds.Sd3jaxShapes, "VERSION", tfds.core.Version("9.9.9"))
+  changed = job.fingerprints(config)
+  assert all(base[s] != changed[s] for s in job.STAGES)
+
+
 @pytest.mark.parametrize("experiment,params", [("sd3_medium.py:256", 2_028_328_000),
                                                ("sd35_large.py:1024", 8_056_627_520)])
 def test_real_scale_experiments_validate_for_a_v5p_slice(experiment, params):

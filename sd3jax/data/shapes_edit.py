@@ -203,8 +203,9 @@ class Sd3jaxShapesEdit(tfds.core.GeneratorBasedBuilder):
   """Shapes edit triplets: source, instruction, target, and the edit's description."""
 
   name = NAME
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Small objects 0.65 of a cell instead of 0.5 (shapes 1.1.0)."}
   BUILDER_CONFIGS = [make_config()]
   BUILDER_CONFIG_CLASS = ShapesEditConfig
 

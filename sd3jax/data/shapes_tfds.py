@@ -92,8 +92,9 @@ class Sd3jaxShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural shapes with original/synthetic captions and object lists."""
 
   name = NAME
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Small objects 0.65 of a cell instead of 0.5."}
   BUILDER_CONFIGS = [make_config(64, 10_000, 1_000, 0)]
   BUILDER_CONFIG_CLASS = ShapesConfig
 

@@ -10,7 +10,7 @@ For a result image of a held-out triplet (sd3jax.data.shapes_edit), the checker'
                   add     the new object is in its cell
                   remove  no object of that colour and shape is left in its cell
                   resize  the object is in its cell, and its area changed by more than
-                          RESIZE_RATIO the right way (small -> large is x2.9 in the renders)
+                          RESIZE_RATIO the right way
   preservation  every object the instruction does not name is still there: same colour,
                 shape and cell, area within RESIZE_RATIO of its area in the source. Only
                 triplets with such objects count (a one-object scene has none).
@@ -29,10 +29,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sd3jax.data import shapes
 from sd3jax.data import shapes_edit
 from sd3jax.evals import shapes_checker
 
-RESIZE_RATIO = 1.7  # about sqrt(2.9): halfway, in log area, between small and large
+# The side ratio of a large to a small object: the square root of their area ratio, so
+# halfway between the two sizes in log area (1.31: small -> large is x1.71 in area).
+RESIZE_RATIO = shapes.SIZE_FRACTION["large"] / shapes.SIZE_FRACTION["small"]
 
 
 def _find(detections: Sequence[Mapping[str, Any]], color: str, shape: str,

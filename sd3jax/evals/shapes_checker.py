@@ -58,7 +58,7 @@ object when shape, and colour / position where the spec names them, agree):
 Single-object attribute accuracies (the targets of the main-job issue:
 colour >= 0.90, shape >= 0.80, position >= 0.80). Over the prompts whose spec
 names exactly one object (categories single_object, color, position), the
-"dominant" detection is the detected object of largest area (no detection =
+"dominant" detection is the detected object of largest extent box, W * H (no detection =
 wrong on every attribute). Then
   attribute_color    = over those prompts whose spec names a colour
                        (color + position), the fraction whose dominant
@@ -407,8 +407,12 @@ def _assign(detections: Sequence[Mapping[str, Any]],
 
 
 def dominant_object(detections: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-  """The detected object of largest area (what a single-object image shows)."""
-  return max(detections, key=lambda d: d["area"]) if detections else None
+  """The detected object of largest extent box (what a single-object image shows).
+
+  The box (area / fill), not the covered area: a large triangle fills half its box and
+  would lose to a small square of 0.6x its side on covered pixels alone.
+  """
+  return max(detections, key=lambda d: d["area"] / d["fill"]) if detections else None
 
 
 def score_detections(detections: Sequence[Mapping[str, Any]],
