@@ -455,7 +455,8 @@ def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] | None = 
       if done.get("fingerprint") != prints[stage]:
         raise config_lib.ConfigError(
             f"{workdir} finished stage {stage!r} with other settings "
-            f"({_DEPENDS.get(stage, 'job.edit')} or an "
+            f"({_DEPENDS.get(stage, 'job.edit')}"
+            f"{', the dataset release' if _dataset_version(stage) else ''} or an "
             f"earlier stage's changed). Use a new --workdir, or delete {paths.marker(stage)} and "
             "the markers after it to redo those stages.")
       logging.info("stage %s: done earlier (%s), skipped.", stage, paths.marker(stage))
