@@ -98,8 +98,9 @@ def fingerprints(config: ConfigDict) -> dict[str, str]:
   for stage in stages_of(config):
     for key in depends[stage]:
       running.update(json.dumps([key, _lookup(config, key)], sort_keys=True, default=str).encode())
-    if _dataset_version(stage):
-      running.update(json.dumps(["dataset_version", _dataset_version(stage)]).encode())
+    version = _dataset_version(stage)
+    if version:
+      running.update(json.dumps(["dataset_version", version]).encode())
     out[stage] = running.copy().hexdigest()[:16]
   return out
 
