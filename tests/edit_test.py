@@ -63,6 +63,18 @@ def test_triplets_change_one_thing_and_the_checker_scores_them():
   assert not held & {e["instruction"] for e in train_edits}
 
 
+def test_rates_carry_wilson_intervals():
+  edits = [{"edit_type": "recolour", "held_out_phrasing": False}] * 24
+  scores = [{"success": i < 21, "preserved": i < 20, "exact": False} for i in range(24)]
+  rates = evaluate.summarize(scores, edits)["per_type"]["recolour"]
+  k, n, z = 20, 24, 1.959964  # Wilson (1927) by its formula
+  p = k / n
+  half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  np.testing.assert_allclose(rates["preserved_ci"], [centre - half, centre + half], atol=1e-5)
+  assert rates["success_ci"][0] < 21 / 24 < rates["success_ci"][1] < 1
+
+
 def test_a_forced_edit_type_that_does_not_fit_the_scene_is_refused():
   one = next(i for i in range(100) if len(shapes.sample_scene(0, "train", i)["objects"]) == 1)
   with pytest.raises(ValueError, match="remove.*does not apply to a scene of 1 objects"):
