@@ -86,7 +86,8 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
                       flag_values=flag_values)
   flags.DEFINE_string("negative", None, "sample: the negative prompt.", flag_values=flag_values)
   flags.DEFINE_integer("steps", None, "sample: denoising steps (default: the run's "
-                       "config.eval.sample_steps; 28 for --pipeline).", flag_values=flag_values)
+                       "config.eval.sample_steps, edit: its edit_eval.steps, 14 in shapes_edit; "
+                       "28 for --pipeline).", flag_values=flag_values)
   flags.DEFINE_float("cfg", None, "sample: guidance scale, > 1 guides (default: the run's "
                      "config.eval.sample_cfg; 5.0 for --pipeline).", flag_values=flag_values)
   flags.DEFINE_float("shift", None, "sample: sampling shift of t (default: the run's "
