@@ -97,6 +97,7 @@ def defaults() -> ConfigDict:
   ))
   c.optimizer = ConfigDict(dict(
       name="adamw",            # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
+      muon_ns_steps=5,         # muon: Newton-Schulz iterations per update (the cost of Muon)
       learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       grad_clip_norm=1.0,      # global-norm clipping; 0 disables
       max_nonfinite_steps=20,  # stop after this many non-finite steps in a row
@@ -439,6 +440,7 @@ _RANGES = {
     "optimizer.weight_decay": (0.0, None, (True, False)),
     "optimizer.grad_clip_norm": (0.0, None, (True, False)),
     "optimizer.max_nonfinite_steps": (1, None, (True, False)),
+    "optimizer.muon_ns_steps": (1, None, (True, False)),
     "schedule.warmup_steps": (0, None, (True, False)),
     "schedule.decay_steps": (0, None, (True, False)),
     "schedule.final_fraction": (0.0, 1.0, (True, True)),

@@ -449,8 +449,14 @@ def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] | None = 
   config = config_lib.with_absolute_paths(config)
   paths = Paths(workdir, config)
   prints = fingerprints(config)
+  stages = stages or stages_of(config)
+  # A bad training setting fails now, not after the stages before it have run.
+  if "vae" in stages and not config.precompute.get("vae"):
+    config_lib.validate(vae_config(config, paths))
+  if "train" in stages:
+    config_lib.validate(mmdit_config(config, paths))
   records: dict[str, dict[str, Any]] = {}
-  for stage in stages or stages_of(config):
+  for stage in stages:
     done = _read_marker(paths, stage)
     if done is not None:
       if done.get("fingerprint") != prints[stage]:

@@ -78,7 +78,8 @@ def make_optimizer(opt: ConfigDict) -> optax.GradientTransformation:
       from optax.contrib import muon
       # consistent_rms 0.2: updates of AdamW's RMS, so AdamW's learning rate carries over
       # (Liu et al. 2025, "Muon is scalable for LLM training").
-      parts.append(muon(learning_rate, beta=0.95, eps=opt.eps,
+      parts.append(muon(learning_rate, ns_steps=int(opt.get("muon_ns_steps", 5)),
+                        beta=0.95, eps=opt.eps,
                         weight_decay=opt.weight_decay, adam_b1=opt.b1, adam_b2=opt.b2,
                         adam_weight_decay=opt.weight_decay, nesterov=True,
                         muon_weight_dimension_numbers=_muon_dims, consistent_rms=0.2))

@@ -198,6 +198,22 @@ def test_run_needs_a_job_section(tmp_path):
     job.run_main(ConfigDict({"task": "mmdit"}), str(tmp_path))
 
 
+@pytest.mark.parametrize("key,value", [("optimizer.muon_ns_steps", 0),
+                                       ("job.vae.optimizer.learning_rate", -1.0)])
+def test_a_bad_training_setting_fails_before_any_stage_runs(tmp_path, key, value):
+  """The MM-DiT's (or the VAE's) settings are checked up front, not after minutes of stages."""
+  config = config_lib.load(SMOKE)
+  section, _, leaf = key.rpartition(".")
+  node = config
+  for part in section.split("."):
+    node = node[part]
+  with config.unlocked():
+    node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"{leaf}={value}")):
+    job.run_main(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "job")  # nothing ran, no marker written
+
+
 def test_fingerprints_cover_upstream_stages():
   config = config_lib.load(SMOKE)
   base = job.fingerprints(config)

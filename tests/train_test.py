@@ -344,6 +344,30 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_steps_the_rest():
     config_lib.validate(tiny("one_device", optimizer__name="sgd"), 1)
 
 
+def test_muon_ns_steps_sets_how_far_newton_schulz_flattens_the_spectrum():
+  """A gradient with singular values from 1 down to 1e-2: one Newton-Schulz step leaves the
+  small ones small; 4 (the shapes job's) and 5 (optax's default) bring all near 1."""
+  rng = np.random.default_rng(0)
+  u, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+  v, _ = np.linalg.qr(rng.standard_normal((32, 8)))
+  grad = (u * np.geomspace(1.0, 1e-2, 8)) @ v.T
+  params = {"blocks_0": {"fc": {"kernel": np.zeros((8, 32), np.float32)}}}
+  spread = {}
+  for steps in (1, 4, 5):
+    c = config_lib.defaults().optimizer
+    with c.unlocked():
+      c.name, c.grad_clip_norm, c.muon_ns_steps = "muon", 0.0, steps
+    tx = optim.make_optimizer(c)
+    grads = {"blocks_0": {"fc": {"kernel": grad.astype(np.float32)}}}
+    updates, _ = tx.update(grads, optim.with_learning_rate(tx.init(params), 1.0), params)
+    sv = np.linalg.svd(-np.asarray(updates["blocks_0"]["fc"]["kernel"]),
+                       compute_uv=False) / (0.2 * np.sqrt(32))
+    spread[steps] = (sv.min(), sv.max())
+  assert spread[1][0] < 0.1, spread
+  for steps in (4, 5):
+    assert 0.6 < spread[steps][0] and spread[steps][1] < 1.25, spread
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_muon_takes_every_block_matrix_in_either_layout(scan_layers):
   """Muon finds the MM-DiT's block kernels whether the blocks are scanned (blocks_S,
