@@ -170,7 +170,12 @@ def test_condition_dropout_rates_and_zeros():
     conditioning.drop_edit_conditions(jax.random.key(0), ctx, pooled, image, 0.4)
 
 
-def test_edit_records_carry_the_source_latent(setup):
+def test_edit_records_carry_the_source_latent(setup, monkeypatch):
+  from sd3jax.data import batch_encoder
+  text_batches = []  # prompts per text-encoder program: instructions have no synthetic caption
+  text_fn = batch_encoder.BatchEncoder.text_fn
+  monkeypatch.setattr(batch_encoder.BatchEncoder, "text_fn",
+                      lambda self, count=None: text_batches.append(count) or text_fn(self, count))
   build = shapes_edit.build_edits(str(setup["root"] / "edits"), SIZE, 12, 4, 0)
   source = shapes_edit.load_edits(build, "train")
   te = conditioning.TextEncoders.from_pipeline_folder(setup["encoders"], t5_length=T5_TOKENS,
@@ -190,6 +195,10 @@ def test_edit_records_carry_the_source_latent(setup):
                              atol=1e-5)
   np.testing.assert_allclose(rec["vae_mean"], encode(ex["image"]).mean[0], atol=1e-5)
   assert rec["caption_original"] == ex["caption_original"] and "synthetic" not in rec
+  assert set(text_batches) == {4}, text_batches  # the 4 instructions only, not 4 + 4 blanks
+  for k, v in te.encode([ex["caption_original"]]).items():
+    np.testing.assert_allclose(rec["original"][k], np.asarray(v[0]), rtol=1e-5, atol=1e-5,
+                               err_msg=k)
   batch = next(latent_pipeline.make_precomputed_pipeline(
       out, global_batch=4, p_synthetic=0.0, keys=latent_pipeline.TRAIN_KEYS).iterator())
   assert batch["source_latents"].shape == batch["latents"].shape == (4, 4, 4, 16)

@@ -58,8 +58,9 @@ def _compile(fn, args, mesh: Mesh, rules) -> Any:
 class BatchEncoder:
   """VAE moments (one program per bucket shape) + all text encoders (one program), sharded.
 
-  Both captions go through the text encoders as one batch of 2B prompts. Outputs are cast
-  to the storage dtype on the device (half the transfer for bfloat16).
+  Both captions go through the text encoders as one batch of 2B prompts, or only the
+  originals (B) when no example of the batch has a synthetic one. Outputs are cast to the
+  storage dtype on the device (half the transfer for bfloat16).
   """
 
   def __init__(self, vae_model, vae_params, text_encoders, mesh: Mesh, rules,
@@ -74,7 +75,7 @@ class BatchEncoder:
     skip = text_encoders.clip_skip
     self.hidden_index = -2 if skip is None else -(skip + 2)  # as TextEncoders.encode
     self._vae: dict[tuple[int, int], Any] = {}
-    self._text = None
+    self._text: dict[int, Any] = {}
 
   def _batch_sharding(self, ndim: int) -> NamedSharding:
     return parallel.batch_sharding(self.mesh, ndim)
@@ -101,8 +102,10 @@ class BatchEncoder:
                                 self.rules)
     return self._vae[key]
 
-  def text_fn(self):
-    if self._text is None:
+  def text_fn(self, count: int | None = None):
+    """The compiled text encoders for `count` prompts (default: both captions, 2B)."""
+    count = int(count or 2 * self.batch)
+    if count not in self._text:
       encs, index, dtype = self.te.encoders, self.hidden_index, self.dtype
       use_mask = self.te.t5_attention_mask
 
@@ -117,13 +120,13 @@ class BatchEncoder:
           out["t5"] = encs["t5"].model.apply({"params": params["t5"]}, ids["t5"],
                                              mask).astype(dtype)
         return out
-      ids = {n: jax.ShapeDtypeStruct((2 * self.batch, self._length(n)), jnp.int32,
+      ids = {n: jax.ShapeDtypeStruct((count, self._length(n)), jnp.int32,
                                      sharding=self._batch_sharding(2))
              for n in ("clip_l", "clip_g", "t5", "t5_mask")}
       jitted = jax.jit(fn, out_shardings=self._batch_sharding(2))  # prefix: every output
-      self._text = _compile(jitted, (self._abstract(self.text_params), ids), self.mesh,
-                            self.rules)
-    return self._text
+      self._text[count] = _compile(jitted, (self._abstract(self.text_params), ids), self.mesh,
+                                   self.rules)
+    return self._text[count]
 
   def _length(self, name: str) -> int:
     return self.te.t5_length if name.startswith("t5") else self.te.clip_length
@@ -149,5 +152,6 @@ class BatchEncoder:
     put = lambda x: jax.device_put(x, self._batch_sharding(x.ndim))
     mean, std = self.vae_fn(tuple(images.shape[1:3]), len(images))(self.vae_params,
                                                                    put(images))
-    text = self.text_fn()(self.text_params, {k: put(v) for k, v in ids.items()})
+    text = self.text_fn(len(ids["clip_l"]))(self.text_params,
+                                            {k: put(v) for k, v in ids.items()})
     return mean, std, text

@@ -219,7 +219,8 @@ def _load(source, chunk: _Chunk, hw: tuple[int, int], batch: int, encoder: Batch
   if sources:  # the edit's source images after the targets: one VAE call
     images = np.concatenate([images, np.stack(sources + [sources[-1]] * pad)])
   caps = [m["caption_original"] for m in meta] + [meta[-1]["caption_original"]] * pad
-  caps += [m["caption_synthetic"] for m in meta] + [meta[-1]["caption_synthetic"]] * pad
+  if any(m["caption_synthetic"] for m in meta):  # else (edits, alt-text only) half the work
+    caps += [m["caption_synthetic"] for m in meta] + [meta[-1]["caption_synthetic"]] * pad
   return images, encoder.tokenize(caps), meta, bad
 
 
@@ -244,8 +245,9 @@ def _prefetch(items: Sequence[Any], fn, depth: int = 2) -> Iterator[tuple[Any, A
 # ----------------------------------------------------------------------------
 # The stage.
 # ----------------------------------------------------------------------------
-def _records(meta, mean, std, text, hw, f, has_t5) -> Iterator[dict[str, Any]]:
-  b = text["clip_l"].shape[0] // 2  # both captions of b examples (an edit: 2b images)
+def _records(meta, mean, std, text, hw, f, has_t5, b) -> Iterator[dict[str, Any]]:
+  """A batch of b examples: text rows are the b originals, then (when any example has one)
+  the b synthetic captions; an edit's batch has 2b images, targets then sources."""
   edit = mean.shape[0] == 2 * b
   for j, m in enumerate(meta):
     rec = {"key": m["key"], "index": m["index"], "height": hw[0], "width": hw[1],
@@ -375,7 +377,7 @@ def precompute(source, out_dir: str, vae: tuple[Any, Any], text_encoders, *, glo
       writer = records.ShardWriter(records.shard_path(out_dir, chunk.shard), columns=COLUMNS)
     if outputs is not None:
       mean, std, text = jax.device_get(outputs)
-      for rec in _records(meta, mean, std, text, buckets[chunk.bucket], f, has_t5):
+      for rec in _records(meta, mean, std, text, buckets[chunk.bucket], f, has_t5, batch):
         writer.write(rec)
     writer.sidecar_extra.setdefault("bad_records", []).extend(bad)
     num_bad += len(bad)
