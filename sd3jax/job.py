@@ -439,6 +439,20 @@ def _stage_fn(stage: str) -> Callable[[ConfigDict, Paths], dict[str, Any]]:
   return edit_stages.STAGE_FNS[stage]
 
 
+def _trainer_configs(config: ConfigDict, paths: Paths,
+                     stages: tuple[str, ...]) -> list[ConfigDict]:
+  """The trainer configs that `stages` will build (VAE, MM-DiT, editing MM-DiT)."""
+  out = []
+  if "vae" in stages and not config.precompute.get("vae"):
+    out.append(vae_config(config, paths))
+  if "train" in stages:
+    out.append(mmdit_config(config, paths))
+  if "edit_train" in stages:
+    from sd3jax.edit import stages as edit_stages
+    out.append(edit_stages.edit_config(config, paths))
+  return out
+
+
 def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] | None = None) -> int:
   """Runs (or finishes) the job in `workdir` (all its stages, or `stages`); returns the exit
   code."""
@@ -450,11 +464,8 @@ def run_main(config: ConfigDict, workdir: str, stages: tuple[str, ...] | None = 
   paths = Paths(workdir, config)
   prints = fingerprints(config)
   stages = stages or stages_of(config)
-  # A bad training setting fails now, not after the stages before it have run.
-  if "vae" in stages and not config.precompute.get("vae"):
-    config_lib.validate(vae_config(config, paths))
-  if "train" in stages:
-    config_lib.validate(mmdit_config(config, paths))
+  for trainer_config in _trainer_configs(config, paths, stages):
+    config_lib.validate(trainer_config)  # a bad setting fails now, not stages later
   records: dict[str, dict[str, Any]] = {}
   for stage in stages:
     done = _read_marker(paths, stage)

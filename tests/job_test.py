@@ -19,6 +19,7 @@ import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "shapes.py") + ":smoke"
+EDIT_SMOKE = os.path.join(ROOT, "experiments", "shapes_edit.py") + ":smoke"
 
 
 def _cmd(workdir, *extra):
@@ -118,7 +119,7 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
 
   # The editing experiment on the finished job: only its own stages run (the text-to-image
   # ones are the same settings, so they are skipped), then `sd3jax edit` on its model.
-  edit_config = os.path.join(ROOT, "experiments", "shapes_edit.py") + ":smoke"
+  edit_config = EDIT_SMOKE
   edited = subprocess.run([sys.executable, "-m", "sd3jax.cli", "run", "--config", edit_config,
                            "--workdir", str(workdir)], capture_output=True, text=True,
                           env=_env(), cwd=ROOT, timeout=900)
@@ -198,11 +199,13 @@ def test_run_needs_a_job_section(tmp_path):
     job.run_main(ConfigDict({"task": "mmdit"}), str(tmp_path))
 
 
-@pytest.mark.parametrize("key,value", [("optimizer.muon_ns_steps", 0),
-                                       ("job.vae.optimizer.learning_rate", -1.0)])
-def test_a_bad_training_setting_fails_before_any_stage_runs(tmp_path, key, value):
-  """The MM-DiT's (or the VAE's) settings are checked up front, not after minutes of stages."""
-  config = config_lib.load(SMOKE)
+@pytest.mark.parametrize("experiment,key,value", [
+    (SMOKE, "optimizer.muon_ns_steps", 0), (SMOKE, "job.vae.optimizer.learning_rate", -1.0),
+    (EDIT_SMOKE, "job.edit.train.learning_rate", -1.0)])
+def test_a_bad_training_setting_fails_before_any_stage_runs(tmp_path, experiment, key, value):
+  """The VAE's, MM-DiT's and editing MM-DiT's settings are checked up front, not after
+  minutes of the stages before them."""
+  config = config_lib.load(experiment)
   section, _, leaf = key.rpartition(".")
   node = config
   for part in section.split("."):
