@@ -90,6 +90,9 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
                        "28 for --pipeline).", flag_values=flag_values)
   flags.DEFINE_float("cfg", None, "sample: guidance scale, > 1 guides (default: the run's "
                      "config.eval.sample_cfg; 5.0 for --pipeline).", flag_values=flag_values)
+  flags.DEFINE_float("cfg-max-t", None, "sample: guide only the steps at t <= this, 1 = "
+                     "every step (default: the run's config.eval.sample_cfg_max_t; 1 for "
+                     "--pipeline).", flag_values=flag_values)
   flags.DEFINE_float("shift", None, "sample: sampling shift of t (default: the run's "
                      "config.eval.sample_shift; the scheduler's for --pipeline).",
                      flag_values=flag_values)
@@ -336,7 +339,8 @@ def _precompute(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 
 @command("sample", "Text -> PNGs + grid from --workdir's weights (a job's or a trainer's "
          "run folder) or a --pipeline DIR.", needs_workdir=False, needs_config=False,
-         flags=("prompt", "prompts", "negative", "steps", "cfg", "shift", "height", "width",
+         flags=("prompt", "prompts", "negative", "steps", "cfg", "cfg-max-t", "shift", "height",
+                "width",
                 "sampler", "seed", "no_t5", "ema", "step", "out", "pipeline"),
          examples=('sd3jax sample --workdir runs/shapes --prompt "a red circle in the top left"',
                    "sd3jax sample --workdir runs/shapes --prompts prompts.txt --cfg 7 --out /tmp/s",
@@ -350,7 +354,8 @@ def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
     raise config_lib.ConfigError("sd3jax sample needs --workdir RUN or --pipeline DIR.")
   paths = sample.sample_main(
       config, workdir, sample.read_prompts(fv.prompt, fv.prompts), negative=fv.negative,
-      steps=fv.steps, cfg=fv.cfg, shift=fv.shift, sampler=fv.sampler, seed=fv.seed,
+      steps=fv.steps, cfg=fv.cfg, cfg_max_t=fv["cfg-max-t"].value, shift=fv.shift,
+      sampler=fv.sampler, seed=fv.seed,
       no_t5=fv.no_t5, use_ema=fv.ema, out=fv.out, pipeline=fv.pipeline, step=fv.step,
       height=fv.height, width=fv.width)
   print(f"wrote {len(paths) - 1} images and {paths[-1]}")

@@ -135,6 +135,7 @@ def defaults() -> ConfigDict:
       conditioning_gap=True,   # also the loss with every encoder dropped: cond_gap
       prompts_per_category=4,  # shapes prompt-following (needs precompute.vae + text_encoders)
       sample_steps=28, sample_cfg=5.0, sample_shift=3.0,  # sampling for prompt following
+      sample_cfg_max_t=1.0,    # guide only at t <= this (1: every step; flow.cfg)
   ))
   return c
 
@@ -271,7 +272,7 @@ _UNUSED_BY_TASK = {
     "vae": ("model", "conditioning", "flow", "precompute", "job", "data.synthetic_period",
             "data.p_synthetic", "data.producer_key", "data.max_bad_records", "eval.conditioning_gap",
             "eval.prompts_per_category", "eval.sample_steps", "eval.sample_cfg",
-            "eval.sample_shift", "eval.clip_network", "eval.num_timesteps"),
+            "eval.sample_cfg_max_t", "eval.sample_shift", "eval.clip_network", "eval.num_timesteps"),
 }
 
 
@@ -452,6 +453,7 @@ _RANGES = {
     "checkpoint.keep_last": (1, None, (True, False)),
     "checkpoint.keep_every": (0, None, (True, False)),
     "eval.every_steps": (0, None, (True, False)),
+    "eval.sample_cfg_max_t": (0.0, 1.0, (False, True)),
     "vae.kl_weight": (0.0, None, (True, False)),
 }
 

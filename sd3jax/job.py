@@ -49,7 +49,7 @@ _DEPENDS = {
     "train": ("task", "seed", "total_steps", "batch_size", "microbatches", "init_from", "model",
               "data", "flow", "optimizer", "schedule", "ema", "mesh", "sharding_rules"),
     "sample": ("job.sample_prompts", "job.sample_seed", "eval.sample_steps", "eval.sample_cfg",
-               "eval.sample_shift"),
+               "eval.sample_cfg_max_t", "eval.sample_shift"),
     "evaluate": ("eval", "job.ceiling_examples"),
 }
 
@@ -283,7 +283,8 @@ def stage_sample(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   for h, w in sizes:  # every prompt at every bucket, one block each
     images += list(sample.generate(
         pipe, prompts, height=h, width=w, steps=settings["steps"],
-        guidance_scale=settings["cfg"], shift=buckets_lib.sample_shift(c, h, w, settings["shift"]),
+        guidance_scale=settings["cfg"], guidance_max_t=settings["cfg_max_t"],
+        shift=buckets_lib.sample_shift(c, h, w, settings["shift"]),
         seed=int(config.job.sample_seed)))
     names += prompts if len(sizes) == 1 else [f"{p} {h}x{w}" for p in prompts]
   written = sample.save_images(images, paths.samples, names, cols=4)

@@ -163,9 +163,10 @@ def _mesh_context(pipeline: Pipeline, mesh: Mesh | None):
 
 
 def _denoise_fn(pipeline: Pipeline, steps: int, sampler: str, shift: float, guided: bool,
-                mesh: Mesh | None):
+                max_t: float, mesh: Mesh | None):
   """jit(params, z1, context, pooled, guidance) -> images in [0, 1]; one per static setting."""
-  key = ("denoise", steps, sampler, float(shift), guided, pipeline.formulation, mesh)
+  key = ("denoise", steps, sampler, float(shift), guided, float(max_t), pipeline.formulation,
+         mesh)
   if key in pipeline._cache:
     return pipeline._cache[key]
   model, vae = pipeline.transformer, pipeline.vae
@@ -173,7 +174,7 @@ def _denoise_fn(pipeline: Pipeline, steps: int, sampler: str, shift: float, guid
   def run(tparams, vparams, z1, context, pooled, guidance):
     def velocity(z, t):
       return model.apply({"params": tparams}, z, t, context, pooled)
-    model_fn = flow.cfg(velocity, guidance) if guided else velocity
+    model_fn = flow.cfg(velocity, guidance, max_t=max_t) if guided else velocity
     latents = flow.sample(model_fn, z1, steps, sampler, shift, pipeline.formulation)
     images = vae.decode_latents(vparams, latents)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
@@ -198,6 +199,7 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
              negative_prompt: str | Sequence[str] | None = None, height: int | None = None,
              width: int | None = None, steps: int = 28, guidance_scale: float = 5.0,
              shift: float | None = None, sampler: str = "euler", seed: int = 0,
+             guidance_max_t: float = 1.0,
              use_t5: bool = True, clip_skip: int | None = None, latents: Any = None,
              batch_sharding: NamedSharding | None = None, batch_size: int | None = None,
              progress: bool = True) -> np.ndarray:
@@ -206,7 +208,9 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
   height / width default to diffusers' (sample_size * vae_scale_factor, or the size of
   `latents`). `latents`: the initial noise, NHWC (B, H / f, W / f, C), instead of drawing it
   from `seed`. Guidance runs when guidance_scale > 1 (diffusers' rule); a missing negative
-  prompt is "". `shift` defaults to the pipeline's (the scheduler's). `use_t5=False` replaces
+  prompt is "". `guidance_max_t` < 1 guides only the steps at t <= guidance_max_t (a guidance
+  interval, flow.cfg; diffusers has none, so 1.0 is its sampler). `shift` defaults to the
+  pipeline's (the scheduler's). `use_t5=False` replaces
   T5 by zeros; `clip_skip` applies to the positive prompt only (as in diffusers).
   `batch_sharding`: a NamedSharding whose first spec entry splits the batch (default:
   ("data", "fsdp") of the pipeline's mesh, if any). `batch_size`: images per compiled call
@@ -250,7 +254,10 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
   chunk = -(-(batch_size or n) // shards) * shards  # Rounded up to whole shards.
   encoders = pipeline.encoders(use_t5)
   tparams, vparams = _params_for(pipeline, mesh)
-  run = _denoise_fn(pipeline, int(steps), sampler, shift, guided, mesh)
+  if not 0.0 < float(guidance_max_t) <= 1.0:
+    raise ValueError(f"guidance_max_t must be in (0, 1] (1: guide every step), got "
+                     f"{guidance_max_t}.")
+  run = _denoise_fn(pipeline, int(steps), sampler, shift, guided, float(guidance_max_t), mesh)
 
   def place(x):
     x = jnp.asarray(x)
@@ -496,30 +503,32 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
 
 def run_sampling_settings(config: Any) -> dict[str, Any]:
   """The run's own sampling settings (config.eval: what its in-training evals and the job's
-  sample stage use): steps, cfg, shift."""
+  sample stage use): steps, cfg, cfg_max_t (guidance only at t <= it), shift."""
   ev = config.get("eval", {}) or {}
   return {"steps": int(ev.get("sample_steps", 28)), "cfg": float(ev.get("sample_cfg", 5.0)),
+          "cfg_max_t": float(ev.get("sample_cfg_max_t", 1.0)),
           "shift": float(ev.get("sample_shift", config.flow.shift))}
 
 
 def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
                 negative: str | None = None, steps: int | None = None, cfg: float | None = None,
-                shift: float | None = None, sampler: str = "euler", seed: int = 0,
+                shift: float | None = None, cfg_max_t: float | None = None,
+                sampler: str = "euler", seed: int = 0,
                 no_t5: bool = False, use_ema: bool = True, out: str | None = None,
                 pipeline: str | None = None, step: int | None = None,
                 height: int | None = None, width: int | None = None) -> list[str]:
   """`sd3jax sample`: PNGs + grid of a run (EMA or raw weights) or of a pipeline folder.
 
-  steps / cfg / shift left as None are the run's own (`run_sampling_settings`), so a run's
-  first samples look like its in-training ones; for a pipeline folder 28, 5.0 and the
-  scheduler's shift (diffusers' defaults). height / width: any multiple of VAE factor x
+  steps / cfg / cfg_max_t / shift left as None are the run's own (`run_sampling_settings`), so
+  a run's first samples look like its in-training ones; for a pipeline folder 28, 5.0, 1.0 and
+  the scheduler's shift (diffusers' defaults). height / width: any multiple of VAE factor x
   patch size (a run's default: config.data.image_size); a run's shift then follows its
   config.flow.shift_rule at that size, as in training.
   """
   if pipeline:
     from sd3jax.interop.pipeline import load_pipeline
     pipe = load_pipeline(pipeline, use_t5=not no_t5)
-    defaults = {"steps": 28, "cfg": 5.0, "shift": pipe.shift}
+    defaults = {"steps": 28, "cfg": 5.0, "cfg_max_t": 1.0, "shift": pipe.shift}
     out = out or os.path.join(".", "generated")
   else:
     # Default: next to the run, apart from the trainer's own samples/step_N.png grids.
@@ -536,9 +545,10 @@ def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
   steps = defaults["steps"] if steps is None else int(steps)
   cfg = defaults["cfg"] if cfg is None else float(cfg)
   shift = defaults["shift"] if shift is None else float(shift)
+  cfg_max_t = defaults["cfg_max_t"] if cfg_max_t is None else float(cfg_max_t)
   images = generate(pipe, list(prompts), negative_prompt=negative, height=height, width=width,
-                    steps=steps, guidance_scale=cfg, shift=shift, sampler=sampler, seed=seed,
-                    use_t5=not no_t5)
+                    steps=steps, guidance_scale=cfg, guidance_max_t=cfg_max_t, shift=shift,
+                    sampler=sampler, seed=seed, use_t5=not no_t5)
   return save_images(images, out, list(prompts))
 
 

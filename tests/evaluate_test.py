@@ -80,7 +80,7 @@ def _config(folders: dict | None) -> ConfigDict:
     c.eval = ConfigDict(dict(every_steps=2, batches=2, fid_network="", clip_network="",
                              num_examples=12, num_timesteps=8, per_device_batch=2, seed=0,
                              prompts_per_category=1, sample_steps=2, sample_cfg=5.0,
-                             sample_shift=3.0))
+                             sample_cfg_max_t=0.6, sample_shift=3.0))
     if folders is not None:
       c.precompute = ConfigDict(dict(vae=folders["vae"], text_encoders=folders["encoders"]))
   return c
@@ -281,19 +281,22 @@ def test_sample_cli_from_workdir_writes_pngs_and_grid(run, tmp_path):
 
 
 def test_sample_defaults_to_the_runs_own_sampling_settings(run, tmp_path):
-  """No --steps / --cfg / --shift: the run's config.eval settings (what its in-training evals
-  used), not the flags' old fixed defaults."""
+  """No --steps / --cfg / --cfg-max-t / --shift: the run's config.eval settings (what its
+  in-training evals used), not the flags' old fixed defaults."""
   config = sample.run_config(None, run["workdir"])
   settings = sample.run_sampling_settings(config)
-  assert settings == {"steps": 2, "cfg": 5.0, "shift": 3.0}
+  assert settings == {"steps": 2, "cfg": 5.0, "cfg_max_t": 0.6, "shift": 3.0}
   assert float(config.flow.shift) != settings["shift"]  # so the test tells the two apart
   paths = sample.sample_main(None, run["workdir"], ["a red circle"], seed=1,
                              out=str(tmp_path / "default"))
   pipe = sample.pipeline_from_run(config, run["workdir"])
-  expected = sample.generate(pipe, ["a red circle"], height=SIZE, width=SIZE, steps=2,
-                             guidance_scale=5.0, shift=3.0, seed=1, progress=False)
+  kw = dict(height=SIZE, width=SIZE, steps=2, guidance_scale=5.0, shift=3.0, seed=1,
+            progress=False)
+  expected = sample.generate(pipe, ["a red circle"], guidance_max_t=0.6, **kw)
   from PIL import Image
   assert np.array_equal(np.asarray(Image.open(paths[0])), sample.to_uint8(expected)[0])
+  # The interval matters here: the first of the two steps (t = 1) runs unguided.
+  assert not np.allclose(expected, sample.generate(pipe, ["a red circle"], **kw), atol=1e-3)
 
 
 def test_sample_cli_needs_a_source(tmp_path):

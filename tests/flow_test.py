@@ -341,6 +341,31 @@ def test_cfg():
   assert out.shape == z.shape and bool(jnp.all(jnp.isfinite(out)))
 
 
+def test_cfg_interval_guides_only_at_or_below_max_t():
+  """max_t < 1: the conditional prediction itself above max_t, plain CFG at or below it, per
+  example; 1.0 is plain CFG at every t."""
+  def model_fn(z, t):  # [cond; uncond] = [2 z + t; -z + t], dual: [2 z; z / 2; -z] + t
+    n = z.shape[0] // 4
+    gain = jnp.repeat(jnp.array([2.0, -1.0] if n == 2 else [2.0, 0.5, -1.0]), 4)[:, None]
+    return gain * z + t[:, None]
+
+  z = jax.random.normal(jax.random.PRNGKey(13), (4, 3))
+  t = jnp.array([0.2, 0.85, 0.86, 1.0])
+  cond, image, uncond = 2.0 * z + t[:, None], 0.5 * z + t[:, None], -z + t[:, None]
+  guided = uncond + 5.0 * (cond - uncond)
+  on = np.array([True, True, False, False])[:, None]
+  out = flow.cfg(model_fn, 5.0, max_t=0.85)(z, t)
+  np.testing.assert_allclose(out, np.where(on, guided, cond), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(flow.cfg(model_fn, 5.0, max_t=1.0)(z, t),
+                                flow.cfg(model_fn, 5.0)(z, t))
+  dual = flow.cfg(model_fn, 4.0, image_scale=2.5, max_t=0.85)(z, t)
+  dual_guided = uncond + 2.5 * (image - uncond) + 4.0 * (cond - image)
+  np.testing.assert_allclose(dual, np.where(on, dual_guided, cond), rtol=1e-5, atol=1e-5)
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match="max_t must be in"):
+      flow.cfg(model_fn, 5.0, max_t=bad)
+
+
 # ------------------------------------------------------------------------------------------------
 # A tiny model trained with rf + logit-normal on a 2-D mixture of Gaussians.
 # ------------------------------------------------------------------------------------------------

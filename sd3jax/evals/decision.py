@@ -68,7 +68,8 @@ def scenes(num: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def denoise_from(pipeline: sample_lib.Pipeline, x0: jax.Array, t0: float, prompts: list[str], *,
-                 steps: int, guidance: float, shift: float, seed: int = 0) -> np.ndarray:
+                 steps: int, guidance: float, shift: float, seed: int = 0,
+                 guidance_max_t: float = 1.0) -> np.ndarray:
   """Images [0, 1] after noising latents x0 to t0 and integrating the guided flow to 0.
 
   The levels are the sampler's (sigmas(steps, shift)) below t0, after t0 itself: from t0 = 1
@@ -89,22 +90,24 @@ def denoise_from(pipeline: sample_lib.Pipeline, x0: jax.Array, t0: float, prompt
   if levels.shape[0] == 1:  # t0 = 0: nothing to integrate.
     images = pipeline.vae.decode_latents(pipeline.vae_params, z)
   else:
-    images = _integrate_fn(pipeline)(pipeline.transformer_params, pipeline.vae_params, z,
+    images = _integrate_fn(pipeline, guidance_max_t)(pipeline.transformer_params, pipeline.vae_params, z,
                                      levels, context, pooled, jnp.float32(guidance))
   return np.clip(np.asarray(images) / 2 + 0.5, 0.0, 1.0)
 
 
-def _integrate_fn(pipeline: sample_lib.Pipeline):
+def _integrate_fn(pipeline: sample_lib.Pipeline, max_t: float):
   """jit(params, vae params, z, levels, context, pooled, guidance) -> images in [-1, 1]:
   guided Euler over `levels`, then decode. One per pipeline: captions and the guidance are
   arguments, so only a new number of levels compiles again."""
-  if "caption_flip" in pipeline._cache:
-    return pipeline._cache["caption_flip"]
+  key = ("caption_flip", float(max_t))
+  if key in pipeline._cache:
+    return pipeline._cache[key]
   model, vae = pipeline.transformer, pipeline.vae
 
   def run(tparams, vparams, z, levels, context, pooled, guidance):
     guided = samplers.cfg(
-        lambda z, t: model.apply({"params": tparams}, z, t, context, pooled), guidance)
+        lambda z, t: model.apply({"params": tparams}, z, t, context, pooled), guidance,
+        max_t=max_t)
 
     def step(z, pair):
       s, s_next = pair
@@ -112,8 +115,8 @@ def _integrate_fn(pipeline: sample_lib.Pipeline):
     z, _ = jax.lax.scan(step, z, (levels[:-1], levels[1:]))
     return vae.decode_latents(vparams, z)
 
-  pipeline._cache["caption_flip"] = jax.jit(run)
-  return pipeline._cache["caption_flip"]
+  pipeline._cache[key] = jax.jit(run)
+  return pipeline._cache[key]
 
 
 def _reads(images: np.ndarray, objects: Sequence[dict[str, Any]], attribute: str) -> float:
@@ -127,7 +130,7 @@ def _reads(images: np.ndarray, objects: Sequence[dict[str, Any]], attribute: str
 
 def caption_flip(pipeline: sample_lib.Pipeline, *, t0s: Sequence[float] = DEFAULT_T0,
                  num: int = 48, steps: int = 28, guidance: float = 5.0, shift: float = 3.0,
-                 size: int | None = None, seed: int = 0,
+                 size: int | None = None, seed: int = 0, guidance_max_t: float = 1.0,
                  attributes: Sequence[str] = ATTRIBUTES) -> dict[str, Any]:
   """The test above. Returns {"t0", "num", and per attribute {"kept", "follows_flip",
   "keeps_original"}: lists over t0}; "kept" is under the scene's own caption."""
@@ -139,7 +142,8 @@ def caption_flip(pipeline: sample_lib.Pipeline, *, t0s: Sequence[float] = DEFAUL
   images = np.stack([shapes.render([o], size, size, "white") for o in objs])
   x0 = pipeline.vae.encode_to_latents(pipeline.vae_params,
                                       jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
-  kwargs = dict(steps=steps, guidance=guidance, shift=shift, seed=seed)
+  kwargs = dict(steps=steps, guidance=guidance, shift=shift, seed=seed,
+                guidance_max_t=guidance_max_t)
   out: dict[str, Any] = {"t0": [float(t) for t in t0s], "num": num, "steps": steps,
                          "guidance": guidance, "shift": shift}
   own = [denoise_from(pipeline, x0, t, [_caption(o) for o in objs], **kwargs) for t in t0s]
@@ -232,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   t0s = [float(t) for t in args.t0.split(",") if t]
   guidance = settings["cfg"] if args.cfg is None else args.cfg
   result = caption_flip(pipeline, t0s=t0s, num=args.num, steps=settings["steps"],
-                        guidance=guidance, shift=settings["shift"], seed=args.seed)
+                        guidance=guidance, shift=settings["shift"], seed=args.seed,
+                        guidance_max_t=settings["cfg_max_t"])
   result["salience"] = salience(pipeline, seed=args.seed)
   out = args.out or os.path.join(run_dir, "decision")
   os.makedirs(out, exist_ok=True)

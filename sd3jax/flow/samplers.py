@@ -95,7 +95,7 @@ def sample(model_fn: ModelFn, z1: Array, steps: int, sampler: str = "euler", shi
   return x
 
 
-def cfg(model_fn: ModelFn, scale, image_scale=None) -> ModelFn:
+def cfg(model_fn: ModelFn, scale, image_scale=None, max_t: float = 1.0) -> ModelFn:
   """Classifier-free guidance as one batched network call per evaluation.
 
   model_fn sees the batch [z; z] (text guidance) or [z; z; z] (InstructPix2Pix dual guidance) and
@@ -104,16 +104,28 @@ def cfg(model_fn: ModelFn, scale, image_scale=None) -> ModelFn:
   uncond + image_scale (image - uncond) + scale (text_image - image) (Brooks et al. 2023).
   Combining raw outputs is formulation-agnostic: x0 / eps / velocity are affine in the output
   with coefficients that do not depend on it, and the guidance weights sum to one.
+
+  max_t (static): guide only where t <= max_t, and return the fully conditioned prediction
+  above it (a guidance interval, Kynkaenniemi et al. 2024; t in the formulation's time, for
+  rectified flow the noise level). Guidance at the highest noise levels multiplies the objects
+  a small model places; 1.0 guides every step.
   """
   n = 2 if image_scale is None else 3
+  if not 0.0 < float(max_t) <= 1.0:
+    raise ValueError(f"max_t must be in (0, 1] (1: guide every step), got {max_t}.")
 
   def guided(z: Array, t: Array) -> Array:
     out = model_fn(jnp.concatenate([z] * n, axis=0), jnp.concatenate([t] * n, axis=0))
     parts = jnp.split(out, n, axis=0)
+    text_scale, img_scale = scale, image_scale
+    if max_t < 1.0:  # scale 1 (and image scale 1) is the conditional prediction itself
+      on = (t <= max_t).reshape((-1,) + (1,) * (z.ndim - 1))
+      text_scale = jnp.where(on, scale, 1.0)
+      img_scale = None if image_scale is None else jnp.where(on, image_scale, 1.0)
     if n == 2:
       cond, uncond = parts
-      return uncond + scale * (cond - uncond)
+      return uncond + text_scale * (cond - uncond)
     full, image, uncond = parts
-    return uncond + image_scale * (image - uncond) + scale * (full - image)
+    return uncond + img_scale * (image - uncond) + text_scale * (full - image)
 
   return guided
