@@ -50,12 +50,14 @@ the shapes release 1.0.0 but the first):
     more steps per second than 24 + 40.
   - CFG 7 at t <= 0.85 and no guidance above (`eval.sample_cfg_max_t`, a guidance
     interval): guidance at the highest noise levels, where the layout is decided, multiplies
-    the objects the model places. On 1,000 other prompts (200 per category, set 201) the
-    batch-16 weights of seeds 0 / 1 went, against CFG 5 at every step: shape 0.80 -> 0.84 /
-    0.78 -> 0.83, counts 0.18 -> 0.27 / 0.13 -> 0.27, objects drawn beyond those asked on
-    count and pair prompts +0.62 -> +0.29 / +0.88 -> +0.47; colour and position 0.97-1.00
-    at both. Chosen among CFG 7 / 9 and t <= 0.85 / 0.9 on the first 100 prompts per
-    category of that set with the seed-0 weights; set 301 and the seed-1 weights agreed.
+    the objects the model places. Against CFG 5 at every step, on 1,000 other prompts (200
+    per category) of set 201 / of set 401, training seeds 0 and 1: counts 0.18 -> 0.27 /
+    0.15 -> 0.30 and 0.13 -> 0.27 / 0.19 -> 0.36; objects drawn beyond those asked on count
+    and pair prompts +0.62 -> +0.29 / +0.56 -> +0.33 and +0.88 -> +0.47 / +0.83 -> +0.40;
+    shape 0.80 -> 0.84 / 0.80 -> 0.84 and 0.78 -> 0.83 / 0.82 -> 0.80; two objects 0.01-0.04
+    lower; overall 0.02-0.05 higher. Chosen among CFG 7 / 9 and t <= 0.85 / 0.9 on the
+    first 100 prompts per category of set 201 (seed-0 weights); set 401 was not looked at
+    before the choice.
   - CFG 5 at every step (before the interval): on 1,000 other prompts (5 sets of 40 per
     category; same prompts and noise) the lr 6e-3 weights drew the asked shape in 0.72 of
     single objects at CFG 3, 0.81 at CFG 4, 0.83 at CFG 5 (colour and position 0.99-1.00). Counts fell (0.28 -> 0.24) and
