@@ -340,8 +340,7 @@ def _precompute(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
 @command("sample", "Text -> PNGs + grid from --workdir's weights (a job's or a trainer's "
          "run folder) or a --pipeline DIR.", needs_workdir=False, needs_config=False,
          flags=("prompt", "prompts", "negative", "steps", "cfg", "cfg-max-t", "shift", "height",
-                "width",
-                "sampler", "seed", "no_t5", "ema", "step", "out", "pipeline"),
+                "width", "sampler", "seed", "no_t5", "ema", "step", "out", "pipeline"),
          examples=('sd3jax sample --workdir runs/shapes --prompt "a red circle in the top left"',
                    "sd3jax sample --workdir runs/shapes --prompts prompts.txt --cfg 7 --out /tmp/s",
                    'sd3jax sample --workdir runs/shapes_aspect --height 48 --width 80 '
@@ -355,9 +354,8 @@ def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
   paths = sample.sample_main(
       config, workdir, sample.read_prompts(fv.prompt, fv.prompts), negative=fv.negative,
       steps=fv.steps, cfg=fv.cfg, cfg_max_t=fv["cfg-max-t"].value, shift=fv.shift,
-      sampler=fv.sampler, seed=fv.seed,
-      no_t5=fv.no_t5, use_ema=fv.ema, out=fv.out, pipeline=fv.pipeline, step=fv.step,
-      height=fv.height, width=fv.width)
+      sampler=fv.sampler, seed=fv.seed, no_t5=fv.no_t5, use_ema=fv.ema, out=fv.out,
+      pipeline=fv.pipeline, step=fv.step, height=fv.height, width=fv.width)
   print(f"wrote {len(paths) - 1} images and {paths[-1]}")
   return 0
 

@@ -90,8 +90,9 @@ def denoise_from(pipeline: sample_lib.Pipeline, x0: jax.Array, t0: float, prompt
   if levels.shape[0] == 1:  # t0 = 0: nothing to integrate.
     images = pipeline.vae.decode_latents(pipeline.vae_params, z)
   else:
-    images = _integrate_fn(pipeline, guidance_max_t)(pipeline.transformer_params, pipeline.vae_params, z,
-                                     levels, context, pooled, jnp.float32(guidance))
+    run = _integrate_fn(pipeline, guidance_max_t)
+    images = run(pipeline.transformer_params, pipeline.vae_params, z, levels, context, pooled,
+                 jnp.float32(guidance))
   return np.clip(np.asarray(images) / 2 + 0.5, 0.0, 1.0)
 
 
