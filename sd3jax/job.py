@@ -402,6 +402,23 @@ def objects_drawn_line(scores: dict[str, float]) -> str:
   return "objects drawn minus asked: " + ", ".join(parts) if parts else ""
 
 
+# The single-object categories in the words of shape_by_prompt_line.
+_SHAPE_PROMPT_WORDS = (("single_object", "shape only"), ("color", "with colour"),
+                       ("position", "with colour and position"))
+
+
+def shape_by_prompt_line(scores: dict[str, float]) -> str:
+  """'shape by prompt: shape only 0.61, ...; no object drawn: ...' ('' without the keys)."""
+  parts = [f"{words} {scores[f'attribute_shape_{cat}']:.2f}"
+           for cat, words in _SHAPE_PROMPT_WORDS if f"attribute_shape_{cat}" in scores]
+  if not parts:
+    return ""
+  line = "shape by prompt: " + ", ".join(parts)
+  if "empty_single" in scores:
+    line += f"; no object drawn for {100 * scores['empty_single']:.0f}% of one-object prompts"
+  return line
+
+
 def print_summary(s: dict[str, Any]) -> None:
   secs = s["seconds"]
   print("\nsd3jax run: done")
@@ -413,9 +430,9 @@ def print_summary(s: dict[str, Any]) -> None:
           f"{s['cond_gap']:.4f} ({100 * s['cond_gap_rel']:.1f}% of the dropped loss)")
   if s.get("shapes"):
     print("  " + prompt_following_line(s["shapes"]))
-    drawn = objects_drawn_line(s["shapes"])
-    if drawn:
-      print("  " + drawn)
+    for line in (shape_by_prompt_line(s["shapes"]), objects_drawn_line(s["shapes"])):
+      if line:
+        print("  " + line)
   if s.get("ceiling"):
     c = s["ceiling"]
     words = dict(_SCORE_WORDS[:3])

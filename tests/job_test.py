@@ -74,6 +74,7 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
   assert [line.split("]")[0][1:] for line in stage_lines] == list(job.STAGES), stage_lines
   assert all(line.split("] ")[1].startswith("done ") for line in stage_lines), stage_lines
   assert "prompt following: single-object colour" in proc.stdout
+  assert "shape by prompt: shape only" in proc.stdout
   assert "train mmdit:" in proc.stderr and "sampling:" in proc.stderr
   assert f"Resumed from step {stopped_at}" in proc.stdout  # resumed, not restarted
   summary = json.loads((workdir / "summary.json").read_text())

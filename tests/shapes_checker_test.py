@@ -15,6 +15,7 @@ import scipy.linalg
 from PIL import Image
 from scipy import ndimage
 
+from sd3jax import job
 from sd3jax.data import shapes as S
 from sd3jax.evals import features as F
 from sd3jax.evals import shapes_checker as C
@@ -257,6 +258,32 @@ def test_objects_drawn_against_asked():
   assert s["exact_objects_multi"] == pytest.approx(0.5)
   only_single = C.score_images([two], specs[1:2])
   assert "extra_objects_multi" not in only_single and "exact_objects_multi" not in only_single
+  assert s["empty_single"] == 0.0
+
+
+def test_shape_by_prompt_kind_and_empty_images():
+  """Shape accuracy per single-object category, and the one-object images with nothing in
+  them: a blank image is a missed shape of its category and counts as empty."""
+  triangle = _scene([{"shape": "triangle", "color": "green", "cell": 4}])
+  blank = np.full((64, 64, 3), 250, np.uint8)
+  specs = [_spec("single_object", ("triangle", None, None)),
+           _spec("single_object", ("circle", None, None)),     # blank: missed, empty
+           _spec("color", ("triangle", "green", None)),
+           _spec("color", ("square", "green", None)),          # a triangle: wrong, not empty
+           _spec("position", ("triangle", "green", "center")),
+           _spec("count", *[("circle", "red", None)] * 2)]     # blank, but not one-object
+  s = C.score_images([triangle, blank, triangle, triangle, triangle, blank], specs)
+  assert s["attribute_shape_single_object"] == 0.5
+  assert s["attribute_shape_color"] == 0.5
+  assert s["attribute_shape_position"] == 1.0
+  assert s["attribute_shape"] == pytest.approx(3 / 5)
+  assert s["empty_single"] == pytest.approx(1 / 5)
+  line = job.shape_by_prompt_line(s)
+  assert line == ("shape by prompt: shape only 0.50, with colour 0.50, with colour and "
+                  "position 1.00; no object drawn for 20% of one-object prompts")
+  only = C.score_images([triangle], specs[2:3])
+  assert set(k for k in only if k.startswith("attribute_shape_")) == {"attribute_shape_color"}
+  assert job.shape_by_prompt_line({"overall": 1.0}) == ""
 
 
 # ----------------------------------------------------------------------------

@@ -69,6 +69,12 @@ wrong on every attribute). Then
                        the fraction whose dominant object is in that cell.
 Each attribute is judged on its own (a red square for "a red circle" counts
 for colour, not for shape). `n_attribute_*` gives each denominator.
+  attribute_shape_<category>  attribute_shape over one category's prompts
+                     (single_object: shape only, color: + colour, position:
+                     + colour + position): how much naming the other
+                     attributes helps the shape;
+  empty_single       fraction of one-object prompts whose image holds no
+                     detected object (a missed shape that is not a wrong one).
 
 How many objects are drawn, whatever their attributes (why counts fail: a
 small model guided at CFG 5 draws too many, not too few):
@@ -477,11 +483,17 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     if vals:  # Absent, not zero, when no prompt names the attribute.
       out[f"attribute_{key}"] = float(np.mean(vals))
       out[f"n_attribute_{key}"] = len(vals)
+  for cat in S.EVAL_CATEGORIES:
+    vals = [r["details"]["attribute_shape"] for r in results
+            if r["category"] == cat and "attribute_shape" in r["details"]]
+    if vals:
+      out[f"attribute_shape_{cat}"] = float(np.mean(vals))
   drawn = np.asarray([(r["details"]["num_detected"], r["details"]["num_asked"])
                       for r in results]).reshape(-1, 2)
   single, multi = drawn[drawn[:, 1] == 1], drawn[drawn[:, 1] > 1]
   if len(single):  # Absent when no prompt of the group was scored.
     out["extra_objects_single"] = float(np.mean(single[:, 0] - single[:, 1]))
+    out["empty_single"] = float(np.mean(single[:, 0] == 0))
   if len(multi):
     out["extra_objects_multi"] = float(np.mean(multi[:, 0] - multi[:, 1]))
     out["exact_objects_multi"] = float(np.mean(multi[:, 0] == multi[:, 1]))
