@@ -94,7 +94,7 @@ Real data and weights: set precompute.vae / precompute.text_encoders to diffuser
 with captions (sd3jax.data.ingest); see experiments/sd3_medium.py for a pod-sized model.
 
 `arg` = "[smoke][,aspect][,key=value...]" with keys steps, vae_steps, num_train, batch,
-depth, width.
+depth, width, weak_steps.
 """
 import os
 
@@ -104,13 +104,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _parse(arg: str | None) -> dict:
-  out = dict(steps=3600, vae_steps=400, num_train=6000, batch=16, depth=4, width=128)
+  out = dict(steps=3600, vae_steps=400, num_train=6000, batch=16, depth=4, width=128,
+             weak_steps=800)
   parts = [p for p in (arg or "").split(",") if p]
   smoke = "smoke" in parts
   aspect = "aspect" in parts
   parts = [p for p in parts if p not in ("smoke", "aspect")]
   if smoke:
-    out.update(steps=30, vae_steps=20, num_train=256, batch=16, depth=2, width=64)
+    out.update(steps=30, vae_steps=20, num_train=256, batch=16, depth=2, width=64,
+               weak_steps=10)
   for p in parts:
     key, sep, value = p.partition("=")
     if not sep or key not in out:
@@ -184,6 +186,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
           "two blue circles", "three yellow squares",
           "a red circle and a blue square", "a green triangle and a purple circle"),
       sample_seed=0,           # sampler settings: config.eval's, as every eval uses
+      weak_steps=a["weak_steps"],  # the weak model of the sampler's autoguidance
       ceiling_examples=64,     # the checker on VAE round trips of ground truth: its ceiling
   ))
 
@@ -239,6 +242,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       num_examples=256 if not a["smoke"] else 16, num_timesteps=8, per_device_batch=8, seed=0,
       prompts_per_category=20 if not a["smoke"] else 2,
       # Guidance only at t <= 0.85 (a guidance interval): above it CFG multiplies the
-      # objects the model places (see the docstring).
-      sample_steps=28, sample_cfg=7.0, sample_cfg_max_t=0.85, sample_shift=6.0))
+      # objects the model places; there autoguidance by the weak model instead (the
+      # docstring).
+      sample_steps=28, sample_cfg=7.0, sample_cfg_max_t=0.85, sample_autoguidance=2.0,
+      sample_shift=6.0))
   return c

@@ -93,6 +93,10 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   flags.DEFINE_float("cfg-max-t", None, "sample: guide only the steps at t <= this, 1 = "
                      "every step (default: the run's config.eval.sample_cfg_max_t; 1 for "
                      "--pipeline).", flag_values=flag_values)
+  flags.DEFINE_float("autoguidance", None, "sample: autoguidance scale above --cfg-max-t with "
+                     "the run's weak model, 1 = none (default: the run's "
+                     "config.eval.sample_autoguidance; 1 for --pipeline).",
+                     flag_values=flag_values)
   flags.DEFINE_float("shift", None, "sample: sampling shift of t (default: the run's "
                      "config.eval.sample_shift; the scheduler's for --pipeline).",
                      flag_values=flag_values)
@@ -353,7 +357,8 @@ def _sample(config: ConfigDict, workdir: str, args: Sequence[str]) -> int:
     raise config_lib.ConfigError("sd3jax sample needs --workdir RUN or --pipeline DIR.")
   paths = sample.sample_main(
       config, workdir, sample.read_prompts(fv.prompt, fv.prompts), negative=fv.negative,
-      steps=fv.steps, cfg=fv.cfg, cfg_max_t=fv["cfg-max-t"].value, shift=fv.shift,
+      steps=fv.steps, cfg=fv.cfg, cfg_max_t=fv["cfg-max-t"].value,
+      autoguidance=fv.autoguidance, shift=fv.shift,
       sampler=fv.sampler, seed=fv.seed, no_t5=fv.no_t5, use_ema=fv.ema, out=fv.out,
       pipeline=fv.pipeline, step=fv.step, height=fv.height, width=fv.width)
   print(f"wrote {len(paths) - 1} images and {paths[-1]}")

@@ -136,6 +136,9 @@ def defaults() -> ConfigDict:
       prompts_per_category=4,  # shapes prompt-following (needs precompute.vae + text_encoders)
       sample_steps=28, sample_cfg=5.0, sample_shift=3.0,  # sampling for prompt following
       sample_cfg_max_t=1.0,    # guide only at t <= this (1: every step; flow.cfg)
+      # Autoguidance above sample_cfg_max_t (flow.autoguide): scale (1: none) and the weak
+      # model, a shorter run of the same MM-DiT (the job trains it: job.weak_steps).
+      sample_autoguidance=1.0, sample_autoguidance_run="",
   ))
   return c
 
@@ -272,7 +275,8 @@ _UNUSED_BY_TASK = {
     "vae": ("model", "conditioning", "flow", "precompute", "job", "data.synthetic_period",
             "data.p_synthetic", "data.producer_key", "data.max_bad_records", "eval.conditioning_gap",
             "eval.prompts_per_category", "eval.sample_steps", "eval.sample_cfg",
-            "eval.sample_cfg_max_t", "eval.sample_shift", "eval.clip_network", "eval.num_timesteps"),
+            "eval.sample_cfg_max_t", "eval.sample_shift", "eval.clip_network", "eval.num_timesteps",
+            "eval.sample_autoguidance", "eval.sample_autoguidance_run"),
 }
 
 
@@ -412,6 +416,16 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
               f"{high}" + ("]" if closed[1] else ")")))
       raise ConfigError(f"config.{key}={value} is out of range: it must be in {span}.")
 
+  ev = config.eval
+  if config.task == "mmdit" and ev.sample_autoguidance != 1.0 and (
+      ev.sample_cfg_max_t >= 1.0 or not ev.sample_autoguidance_run):
+    raise ConfigError(
+        f"config.eval.sample_autoguidance={ev.sample_autoguidance} guides the sampling steps "
+        f"above config.eval.sample_cfg_max_t (now {ev.sample_cfg_max_t}; set it below 1) with "
+        f"the weak model of config.eval.sample_autoguidance_run (now "
+        f"{ev.sample_autoguidance_run!r}: a run folder of the same MM-DiT trained for fewer "
+        "steps; `sd3jax run` trains one with job.weak_steps); or set it to 1 (none).")
+
   # Optimizer, schedules, checkpointing, logging.
   from sd3jax.optim import OPTIMIZERS  # pylint: disable=g-import-not-at-top
   if config.optimizer.get("name", "adamw") not in OPTIMIZERS:
@@ -454,6 +468,7 @@ _RANGES = {
     "checkpoint.keep_every": (0, None, (True, False)),
     "eval.every_steps": (0, None, (True, False)),
     "eval.sample_cfg_max_t": (0.0, 1.0, (False, True)),
+    "eval.sample_autoguidance": (1.0, None, (True, False)),
     "vae.kl_weight": (0.0, None, (True, False)),
 }
 

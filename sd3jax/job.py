@@ -10,6 +10,8 @@ match, so a changed config never silently reuses stale outputs):
   vae         trains the 16-channel KL autoencoder of job.vae (WORKDIR/vae), unless
               precompute.vae; fits SD3's latent scaling / shift factors
   precompute  latents + embeddings: WORKDIR/records/train and /validation
+  weak        the same MM-DiT trained for job.weak_steps only (WORKDIR/mmdit_weak): the weak
+              model of the sampler's autoguidance (eval.sample_autoguidance; skipped at 1)
   train       the MM-DiT (WORKDIR/mmdit: checkpoints, metrics.jsonl, TensorBoard, eval/)
   sample      the grid of job.sample_prompts (WORKDIR/samples/grid.png)
   evaluate    validation loss, conditioning gap and prompt following of the final weights
@@ -38,7 +40,7 @@ import numpy as np
 from sd3jax import config as config_lib
 
 EXIT_INTERRUPTED = 75
-STAGES = ("data", "encoders", "vae", "precompute", "train", "sample", "evaluate")
+STAGES = ("data", "encoders", "vae", "precompute", "weak", "train", "sample", "evaluate")
 # The config sections each stage reads (its fingerprint also covers every earlier stage).
 _DEPENDS = {
     "data": ("job.data", "job.data_val", "job.shapes"),
@@ -46,6 +48,9 @@ _DEPENDS = {
     "vae": ("job.vae", "precompute.vae"),
     "precompute": ("precompute", "conditioning", "data.image_size", "data.buckets",
                    "data.vae_factor"),
+    "weak": ("task", "seed", "batch_size", "microbatches", "model", "data", "flow", "optimizer",
+             "schedule", "ema", "mesh", "sharding_rules", "job.weak_steps",
+             "eval.sample_autoguidance"),
     "train": ("task", "seed", "total_steps", "batch_size", "microbatches", "init_from", "model",
               "data", "flow", "optimizer", "schedule", "ema", "mesh", "sharding_rules"),
     "sample": ("job.sample_prompts", "job.sample_seed", "eval.sample_steps", "eval.sample_cfg",
@@ -125,6 +130,7 @@ class Paths:
     self.vae = config.precompute.vae or os.path.join(self.vae_run, "vae")
     self.records = os.path.join(workdir, "records")
     self.mmdit = os.path.join(workdir, "mmdit")
+    self.mmdit_weak = os.path.join(workdir, "mmdit_weak")
     self.samples = os.path.join(workdir, "samples")
     self.eval = os.path.join(workdir, "eval.json")
     self.summary = os.path.join(workdir, "summary.json")
@@ -184,6 +190,26 @@ def mmdit_config(config: ConfigDict, paths: Paths) -> ConfigDict:
     c.precompute.vae = paths.vae
     c.precompute.text_encoders = paths.encoders
     c.precompute.source = paths.shapes_build or paths.data
+    if uses_weak_model(config) and not c.eval.get("sample_autoguidance_run"):
+      c.eval.sample_autoguidance_run = paths.mmdit_weak
+  return c
+
+
+def uses_weak_model(config: ConfigDict) -> bool:
+  """Whether the job trains a weak MM-DiT for autoguidance (job.weak_steps > 0 and
+  eval.sample_autoguidance != 1)."""
+  return (int(config.job.get("weak_steps", 0)) > 0
+          and float(config.eval.get("sample_autoguidance", 1.0)) != 1.0)
+
+
+def weak_config(config: ConfigDict, paths: Paths) -> ConfigDict:
+  """The weak run's trainer config: the MM-DiT's, for job.weak_steps, with no evals (and no
+  autoguidance of its own)."""
+  c = mmdit_config(config, paths)
+  with c.unlocked():
+    c.total_steps = int(config.job.weak_steps)
+    c.eval.every_steps = 0
+    c.eval.sample_autoguidance, c.eval.sample_autoguidance_run = 1.0, ""
   return c
 
 
@@ -262,6 +288,16 @@ def stage_precompute(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   return out
 
 
+def stage_weak(config: ConfigDict, paths: Paths) -> dict[str, Any]:
+  if not uses_weak_model(config):
+    return {"skipped": "no autoguidance (eval.sample_autoguidance = 1 or job.weak_steps = 0)"}
+  from sd3jax import train
+  result = train.train(weak_config(config, paths), paths.mmdit_weak)
+  if result.interrupted:
+    raise Interrupted(f"weak MM-DiT training stopped at step {result.step}")
+  return {"path": paths.mmdit_weak, "steps": result.step}
+
+
 def stage_train(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   from sd3jax import train
   result = train.train(mmdit_config(config, paths), paths.mmdit)
@@ -284,6 +320,7 @@ def stage_sample(config: ConfigDict, paths: Paths) -> dict[str, Any]:
     images += list(sample.generate(
         pipe, prompts, height=h, width=w, steps=settings["steps"],
         guidance_scale=settings["cfg"], guidance_max_t=settings["cfg_max_t"],
+        autoguidance=settings["autoguidance"],
         shift=buckets_lib.sample_shift(c, h, w, settings["shift"]),
         seed=int(config.job.sample_seed)))
     names += prompts if len(sizes) == 1 else [f"{p} {h}x{w}" for p in prompts]
@@ -321,7 +358,8 @@ def stage_evaluate(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   result = _in_training_eval(paths, step)
   if result is None:
     result = eval_run.evaluate_checkpoint(c, paths.mmdit, step, progress=True)
-  if int(config.job.get("ceiling_examples", 0)) > 0 and not config.job.data:
+  if (int(config.job.get("ceiling_examples", 0)) > 0 and not config.job.data
+      and eval_run.prompt_following_enabled(c)):  # the ceiling scores the eval's prompts
     result["ceiling"] = vae_ceiling(c, paths)
   _write_json(paths.eval, result)
   plot = time_to_quality.plot(os.path.join(paths.mmdit, "metrics.jsonl"), paths.job,
@@ -348,7 +386,8 @@ def _in_training_eval(paths: Paths, step: int) -> dict[str, Any] | None:
 
 STAGE_FNS: dict[str, Callable[[ConfigDict, Paths], dict[str, Any]]] = {
     "data": stage_data, "encoders": stage_encoders, "vae": stage_vae,
-    "precompute": stage_precompute, "train": stage_train, "sample": stage_sample,
+    "precompute": stage_precompute, "weak": stage_weak, "train": stage_train,
+    "sample": stage_sample,
     "evaluate": stage_evaluate}
 
 
@@ -459,10 +498,13 @@ def _stage_fn(stage: str) -> Callable[[ConfigDict, Paths], dict[str, Any]]:
 
 def _trainer_configs(config: ConfigDict, paths: Paths,
                      stages: tuple[str, ...]) -> list[ConfigDict]:
-  """The trainer configs that `stages` will build (VAE, MM-DiT, editing MM-DiT)."""
+  """The trainer configs that `stages` will build (VAE, weak and main MM-DiT, editing
+  MM-DiT)."""
   out = []
   if "vae" in stages and not config.precompute.get("vae"):
     out.append(vae_config(config, paths))
+  if "weak" in stages and uses_weak_model(config):
+    out.append(weak_config(config, paths))
   if "train" in stages:
     out.append(mmdit_config(config, paths))
   if "edit_train" in stages:

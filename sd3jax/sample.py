@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -61,6 +62,8 @@ class Pipeline:
   scheduler_config: dict | None = None  # The source's scheduler_config.json, kept for export.
   mesh: Mesh | None = None
   rules: Any = "fsdp_tp"
+  # An earlier checkpoint of the same MM-DiT, for autoguidance (generate's `autoguidance`).
+  weak_transformer_params: Any = None
   # Compiled functions and derived views; not an init field, so dataclasses.replace starts afresh.
   _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -143,7 +146,7 @@ def _on_mesh(tree: Any, mesh: Mesh) -> bool:
 
 def _params_for(pipeline: Pipeline, mesh: Mesh | None) -> tuple[Any, Any]:
   """The params as the jitted call needs them: replicated once on a foreign mesh, cached."""
-  params = (pipeline.transformer_params, pipeline.vae_params)
+  params = (pipeline.transformer_params, pipeline.vae_params, pipeline.weak_transformer_params)
   if mesh is None or _on_mesh(params, mesh):
     return params
   key = ("params", mesh)
@@ -163,18 +166,26 @@ def _mesh_context(pipeline: Pipeline, mesh: Mesh | None):
 
 
 def _denoise_fn(pipeline: Pipeline, steps: int, sampler: str, shift: float, guided: bool,
-                max_t: float, mesh: Mesh | None):
-  """jit(params, z1, context, pooled, guidance) -> images in [0, 1]; one per static setting."""
+                max_t: float, mesh: Mesh | None, autoguided: bool = False):
+  """jit(params, weak params, z1, context, pooled, guidance, autoguidance) -> images in
+  [0, 1]; one per static setting."""
   key = ("denoise", steps, sampler, float(shift), guided, float(max_t), pipeline.formulation,
-         mesh)
+         mesh, autoguided)
   if key in pipeline._cache:
     return pipeline._cache[key]
   model, vae = pipeline.transformer, pipeline.vae
 
-  def run(tparams, vparams, z1, context, pooled, guidance):
+  def run(tparams, vparams, wparams, z1, context, pooled, guidance, autoguidance):
     def velocity(z, t):
       return model.apply({"params": tparams}, z, t, context, pooled)
     model_fn = flow.cfg(velocity, guidance, max_t=max_t) if guided else velocity
+    if autoguided:  # above max_t: the weak model conditioned on the prompt, not on ""
+      n = z1.shape[0]
+      text, text_pooled = context[:n], pooled[:n]
+      model_fn = flow.autoguide(
+          model_fn, lambda z, t: model.apply({"params": tparams}, z, t, text, text_pooled),
+          lambda z, t: model.apply({"params": wparams}, z, t, text, text_pooled),
+          autoguidance, max_t)
     latents = flow.sample(model_fn, z1, steps, sampler, shift, pipeline.formulation)
     images = vae.decode_latents(vparams, latents)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
@@ -199,7 +210,7 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
              negative_prompt: str | Sequence[str] | None = None, height: int | None = None,
              width: int | None = None, steps: int = 28, guidance_scale: float = 5.0,
              shift: float | None = None, sampler: str = "euler", seed: int = 0,
-             guidance_max_t: float = 1.0,
+             guidance_max_t: float = 1.0, autoguidance: float = 1.0,
              use_t5: bool = True, clip_skip: int | None = None, latents: Any = None,
              batch_sharding: NamedSharding | None = None, batch_size: int | None = None,
              progress: bool = True) -> np.ndarray:
@@ -209,7 +220,9 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
   `latents`). `latents`: the initial noise, NHWC (B, H / f, W / f, C), instead of drawing it
   from `seed`. Guidance runs when guidance_scale > 1 (diffusers' rule); a missing negative
   prompt is "". `guidance_max_t` < 1 guides only the steps at t <= guidance_max_t (a guidance
-  interval, flow.cfg; diffusers has none, so 1.0 is its sampler). `shift` defaults to the
+  interval, flow.cfg; diffusers has none, so 1.0 is its sampler). `autoguidance` > 1 guides
+  the steps above guidance_max_t with the pipeline's weak_transformer_params (an earlier
+  checkpoint, flow.autoguide; 1 = none). `shift` defaults to the
   pipeline's (the scheduler's). `use_t5=False` replaces
   T5 by zeros; `clip_skip` applies to the positive prompt only (as in diffusers).
   `batch_sharding`: a NamedSharding whose first spec entry splits the batch (default:
@@ -253,11 +266,19 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
     mesh = batch_sharding.mesh
   chunk = -(-(batch_size or n) // shards) * shards  # Rounded up to whole shards.
   encoders = pipeline.encoders(use_t5)
-  tparams, vparams = _params_for(pipeline, mesh)
+  tparams, vparams, wparams = _params_for(pipeline, mesh)
   if not 0.0 < float(guidance_max_t) <= 1.0:
     raise ValueError(f"guidance_max_t must be in (0, 1] (1: guide every step), got "
                      f"{guidance_max_t}.")
-  run = _denoise_fn(pipeline, int(steps), sampler, shift, guided, float(guidance_max_t), mesh)
+  autoguided = float(autoguidance) != 1.0
+  if autoguided and (float(autoguidance) < 1.0 or float(guidance_max_t) >= 1.0
+                     or pipeline.weak_transformer_params is None):
+    raise ValueError(
+        f"autoguidance={autoguidance} needs a scale > 1, guidance_max_t < 1 (it guides the steps "
+        f"above it; got {guidance_max_t}) and the pipeline's weak_transformer_params (a run "
+        "configured with eval.sample_autoguidance_step loads them); 1 turns it off.")
+  run = _denoise_fn(pipeline, int(steps), sampler, shift, guided, float(guidance_max_t), mesh,
+                    autoguided)
 
   def place(x):
     x = jnp.asarray(x)
@@ -281,8 +302,8 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
       pooled = jnp.concatenate([pooled, neg_pooled], axis=0)
     z1 = latents[index] if latents is not None else initial_noise(seed, index, shape)
     with _mesh_context(pipeline, mesh):
-      images = run(tparams, vparams, place(z1), place(context), place(pooled),
-                   jnp.float32(guidance_scale))
+      images = run(tparams, vparams, wparams, place(z1), place(context), place(pooled),
+                   jnp.float32(guidance_scale), jnp.float32(autoguidance))
     out.append(np.asarray(jax.device_get(images))[real])
   return np.concatenate(out, axis=0).astype(np.float32)
 
@@ -388,7 +409,6 @@ def run_config(config: Any, workdir: str | None) -> Any:
     if not workdir or not os.path.exists(path):
       raise FileNotFoundError(f"No --config and no {path}: pass --config experiments/FILE.py or a "
                        "--workdir that a run wrote.")
-    import json
     with open(path) as f:
       config = ConfigDict(json.load(f))
   return config_lib.complete(config)
@@ -459,13 +479,35 @@ def pipeline_from_params(config: Any, model: mmdit.MMDiT, params: Any,
                          components: RunComponents, mesh: Mesh, *,
                          shift: float | None = None) -> Pipeline:
   """A Pipeline of in-memory MM-DiT params (e.g. the EMA params during training) + the run's
-  components; no checkpoint is read. `shift` defaults to config.flow.shift."""
+  components; no checkpoint is read, but the weak model of config.eval's autoguidance
+  (`weak_params`). `shift` defaults to config.flow.shift."""
   return Pipeline(transformer=model, transformer_params=params, vae=components.vae,
                   vae_params=components.vae_params, text_encoders=components.text_encoders,
                   shift=float(config.flow.shift if shift is None else shift),
                   formulation=config.flow.formulation,
                   text_encoder_folder=components.text_encoder_folder, mesh=mesh,
-                  rules=config.sharding_rules)
+                  rules=config.sharding_rules, weak_transformer_params=weak_params(config, mesh))
+
+
+def weak_params(config: Any, mesh: Mesh) -> Any:
+  """The EMA weights of config.eval.sample_autoguidance_run (latest checkpoint) when the run
+  samples with autoguidance; else None. That run must be the same MM-DiT (config.model)."""
+  ev = config.get("eval", {}) or {}
+  run = ev.get("sample_autoguidance_run", "")
+  if float(ev.get("sample_autoguidance", 1.0)) == 1.0 or not run:
+    return None
+  try:
+    weak = run_config(None, resolve_run_dir(run))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.eval.sample_autoguidance_run: {e} Train the weak run "
+                            "(`sd3jax run` does: its `weak` stage), or set "
+                            "config.eval.sample_autoguidance=1.") from e
+  same = lambda c: json.loads(json.dumps(c.model.to_dict()))  # tuples and lists alike
+  if same(weak) != same(config):
+    raise ValueError(f"config.eval.sample_autoguidance_run={run} is another MM-DiT "
+                     f"({weak.model.to_dict()}); autoguidance needs the run's own "
+                     f"({config.model.to_dict()}).")
+  return load_run_params(weak, resolve_run_dir(run), mesh, use_ema=True)[1]
 
 
 def with_transformer_params(pipeline: Pipeline, params: Any) -> Pipeline:
@@ -503,32 +545,35 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
 
 def run_sampling_settings(config: Any) -> dict[str, Any]:
   """The run's own sampling settings (config.eval: what its in-training evals and the job's
-  sample stage use): steps, cfg, cfg_max_t (guidance only at t <= it), shift."""
+  sample stage use): steps, cfg, cfg_max_t (guidance only at t <= it), autoguidance (above
+  it), shift."""
   ev = config.get("eval", {}) or {}
   return {"steps": int(ev.get("sample_steps", 28)), "cfg": float(ev.get("sample_cfg", 5.0)),
           "cfg_max_t": float(ev.get("sample_cfg_max_t", 1.0)),
+          "autoguidance": float(ev.get("sample_autoguidance", 1.0)),
           "shift": float(ev.get("sample_shift", config.flow.shift))}
 
 
 def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
                 negative: str | None = None, steps: int | None = None, cfg: float | None = None,
                 shift: float | None = None, cfg_max_t: float | None = None,
-                sampler: str = "euler", seed: int = 0,
+                autoguidance: float | None = None, sampler: str = "euler", seed: int = 0,
                 no_t5: bool = False, use_ema: bool = True, out: str | None = None,
                 pipeline: str | None = None, step: int | None = None,
                 height: int | None = None, width: int | None = None) -> list[str]:
   """`sd3jax sample`: PNGs + grid of a run (EMA or raw weights) or of a pipeline folder.
 
-  steps / cfg / cfg_max_t / shift left as None are the run's own (`run_sampling_settings`), so
-  a run's first samples look like its in-training ones; for a pipeline folder 28, 5.0, 1.0 and
-  the scheduler's shift (diffusers' defaults). height / width: any multiple of VAE factor x
+  steps / cfg / cfg_max_t / autoguidance / shift left as None are the run's own
+  (`run_sampling_settings`), so a run's first samples look like its in-training ones; for a
+  pipeline folder 28, 5.0, 1.0, 1.0 and the scheduler's shift (diffusers' defaults). height / width: any multiple of VAE factor x
   patch size (a run's default: config.data.image_size); a run's shift then follows its
   config.flow.shift_rule at that size, as in training.
   """
   if pipeline:
     from sd3jax.interop.pipeline import load_pipeline
     pipe = load_pipeline(pipeline, use_t5=not no_t5)
-    defaults = {"steps": 28, "cfg": 5.0, "cfg_max_t": 1.0, "shift": pipe.shift}
+    defaults = {"steps": 28, "cfg": 5.0, "cfg_max_t": 1.0, "autoguidance": 1.0,
+                "shift": pipe.shift}
     out = out or os.path.join(".", "generated")
   else:
     # Default: next to the run, apart from the trainer's own samples/step_N.png grids.
@@ -546,9 +591,11 @@ def sample_main(config: Any, workdir: str | None, prompts: Sequence[str], *,
   cfg = defaults["cfg"] if cfg is None else float(cfg)
   shift = defaults["shift"] if shift is None else float(shift)
   cfg_max_t = defaults["cfg_max_t"] if cfg_max_t is None else float(cfg_max_t)
+  autoguidance = defaults["autoguidance"] if autoguidance is None else float(autoguidance)
   images = generate(pipe, list(prompts), negative_prompt=negative, height=height, width=width,
-                    steps=steps, guidance_scale=cfg, guidance_max_t=cfg_max_t, shift=shift,
-                    sampler=sampler, seed=seed, use_t5=not no_t5)
+                    steps=steps, guidance_scale=cfg, guidance_max_t=cfg_max_t,
+                    autoguidance=autoguidance, shift=shift, sampler=sampler, seed=seed,
+                    use_t5=not no_t5)
   return save_images(images, out, list(prompts))
 
 

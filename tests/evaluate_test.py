@@ -285,7 +285,8 @@ def test_sample_defaults_to_the_runs_own_sampling_settings(run, tmp_path):
   in-training evals used), not the flags' old fixed defaults."""
   config = sample.run_config(None, run["workdir"])
   settings = sample.run_sampling_settings(config)
-  assert settings == {"steps": 2, "cfg": 5.0, "cfg_max_t": 0.6, "shift": 3.0}
+  assert settings == {"steps": 2, "cfg": 5.0, "cfg_max_t": 0.6, "autoguidance": 1.0,
+                      "shift": 3.0}
   assert float(config.flow.shift) != settings["shift"]  # so the test tells the two apart
   paths = sample.sample_main(None, run["workdir"], ["a red circle"], seed=1,
                              out=str(tmp_path / "default"))
@@ -297,6 +298,44 @@ def test_sample_defaults_to_the_runs_own_sampling_settings(run, tmp_path):
   assert np.array_equal(np.asarray(Image.open(paths[0])), sample.to_uint8(expected)[0])
   # The interval matters here: the first of the two steps (t = 1) runs unguided.
   assert not np.allclose(expected, sample.generate(pipe, ["a red circle"], **kw), atol=1e-3)
+
+
+def test_autoguidance_by_a_weak_run(run):
+  """eval.sample_autoguidance_run loads the weak model into the pipeline; with the run's own
+  weights as the weak model autoguidance is the conditional prediction above max_t (the
+  images without it), with an earlier checkpoint it changes them; bad settings fail clearly."""
+  import dataclasses
+  config = sample.run_config(None, run["workdir"])
+  kw = dict(height=SIZE, width=SIZE, steps=2, guidance_scale=5.0, guidance_max_t=0.6,
+            shift=3.0, seed=1, progress=False)
+  plain_pipe = sample.pipeline_from_run(config, run["workdir"])
+  assert plain_pipe.weak_transformer_params is None
+  plain = sample.generate(plain_pipe, ["a red circle"], **kw)
+  with config.unlocked():
+    config.eval.update(sample_autoguidance=3.0, sample_autoguidance_run=run["workdir"])
+  config_lib.validate(config)
+  assert sample.run_sampling_settings(config)["autoguidance"] == 3.0
+  pipe = sample.pipeline_from_run(config, run["workdir"])
+  same = sample.generate(pipe, ["a red circle"], autoguidance=3.0, **kw)
+  np.testing.assert_allclose(same, plain, atol=1e-5)
+  mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
+  _, earlier = sample.load_run_params(config, run["workdir"], mesh, step=1)
+  weak_pipe = dataclasses.replace(pipe, weak_transformer_params=earlier)
+  guided = sample.generate(weak_pipe, ["a red circle"], autoguidance=3.0, **kw)
+  assert np.isfinite(guided).all() and not np.allclose(guided, plain, atol=1e-3)
+  with pytest.raises(ValueError, match="guidance_max_t < 1"):
+    sample.generate(pipe, ["a red circle"], autoguidance=3.0, **{**kw, "guidance_max_t": 1.0})
+  with pytest.raises(ValueError, match="weak_transformer_params"):
+    sample.generate(plain_pipe, ["a red circle"], autoguidance=3.0, **kw)
+  with config.unlocked():
+    config.eval.sample_autoguidance_run = ""
+  with pytest.raises(config_lib.ConfigError, match="sample_autoguidance_run"):
+    config_lib.validate(config)
+  with config.unlocked():
+    config.eval.sample_autoguidance_run = run["workdir"]
+    config.model.depth = 3
+  with pytest.raises(ValueError, match="another MM-DiT"):
+    sample.weak_params(config, mesh)
 
 
 def test_sample_cli_needs_a_source(tmp_path):

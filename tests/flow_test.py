@@ -366,6 +366,23 @@ def test_cfg_interval_guides_only_at_or_below_max_t():
       flow.cfg(model_fn, 5.0, max_t=bad)
 
 
+def test_autoguide_above_min_t_and_the_guided_prediction_below():
+  """Above min_t: weak + scale (cond - weak); at or below: guided_fn; per example when a
+  batch mixes levels; scale 1 is the conditional prediction."""
+  cond_fn = lambda z, t: 2.0 * z + t[:, None]
+  weak_fn = lambda z, t: 0.5 * z - t[:, None]
+  guided_fn = lambda z, t: -3.0 * z
+  z = jax.random.normal(jax.random.PRNGKey(14), (4, 3))
+  for t in (jnp.array([0.2, 0.85, 0.86, 1.0]), jnp.full((4,), 0.9), jnp.full((4,), 0.5)):
+    high = np.asarray(t > 0.85)[:, None]
+    auto = weak_fn(z, t) + 4.0 * (cond_fn(z, t) - weak_fn(z, t))
+    out = jax.jit(flow.autoguide(guided_fn, cond_fn, weak_fn, 4.0, 0.85))(z, t)
+    np.testing.assert_allclose(out, np.where(high, auto, guided_fn(z, t)), rtol=1e-5, atol=1e-5)
+    one = flow.autoguide(guided_fn, cond_fn, weak_fn, 1.0, 0.85)(z, t)
+    np.testing.assert_allclose(one, np.where(high, cond_fn(z, t), guided_fn(z, t)), rtol=1e-6,
+                               atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # A tiny model trained with rf + logit-normal on a 2-D mixture of Gaussians.
 # ------------------------------------------------------------------------------------------------

@@ -202,7 +202,8 @@ def test_run_needs_a_job_section(tmp_path):
 
 @pytest.mark.parametrize("experiment,key,value", [
     (SMOKE, "optimizer.muon_ns_steps", 0), (SMOKE, "job.vae.optimizer.learning_rate", -1.0),
-    (SMOKE, "eval.sample_cfg_max_t", 0.0), (EDIT_SMOKE, "job.edit.train.learning_rate", -1.0)])
+    (SMOKE, "eval.sample_cfg_max_t", 0.0), (SMOKE, "eval.sample_autoguidance", 0.5),
+    (EDIT_SMOKE, "job.edit.train.learning_rate", -1.0)])
 def test_a_bad_training_setting_fails_before_any_stage_runs(tmp_path, experiment, key, value):
   """The VAE's, MM-DiT's and editing MM-DiT's settings are checked up front, not after
   minutes of the stages before them."""

@@ -134,7 +134,8 @@ def memorisation(config: Any, workdir: str, descriptor: str, *, num: int = 64,
       pipe, captions, height=size, width=size, seed=seed,
       steps=settings["steps"] if steps is None else steps,
       guidance_scale=settings["cfg"] if cfg is None else cfg,
-      guidance_max_t=settings["cfg_max_t"], progress=progress)
+      guidance_max_t=settings["cfg_max_t"], autoguidance=settings["autoguidance"],
+      progress=progress)
   gen = np.stack([descriptors_lib.prepare(sample_lib.to_uint8(im), desc.size) for im in images])
   fn = desc.fn
   gen_x = np.asarray(fn(gen.astype(np.float32) / 255.0), np.float32)

@@ -172,8 +172,8 @@ def evaluate_editing(edit_pipe, t2i_pipe, examples: Sequence[Mapping[str, Any]],
     regen = sample_lib.generate(
         t2i_pipe, [ex["target_caption"] or "" for ex in examples], height=h, width=w,
         steps=t2i_settings["steps"], guidance_scale=t2i_settings["cfg"],
-        guidance_max_t=t2i_settings["cfg_max_t"], shift=t2i_settings["shift"],
-        progress=progress)
+        guidance_max_t=t2i_settings["cfg_max_t"], autoguidance=t2i_settings["autoguidance"],
+        shift=t2i_settings["shift"], progress=progress)
     out["baselines"]["regenerate"] = score_all(regen, examples)
   rows = []
   if guidance and guidance_examples:

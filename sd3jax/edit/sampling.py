@@ -90,7 +90,7 @@ def edit(pipe: sample_lib.Pipeline, images: Any, instructions: str | Sequence[st
   if mesh is not None:
     spec, shards = sample_lib._batch_axes(parallel.batch_sharding(mesh, 4))  # pylint: disable=protected-access
   chunk = -(-(batch_size or n) // shards) * shards
-  tparams, vparams = sample_lib._params_for(pipe, mesh)  # pylint: disable=protected-access
+  tparams, vparams, _ = sample_lib._params_for(pipe, mesh)  # pylint: disable=protected-access
   run = _edit_fn(pipe, int(steps), shift, guided, mesh)
 
   def place(x):

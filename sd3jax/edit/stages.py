@@ -47,6 +47,7 @@ def edit_config(config: ConfigDict, paths) -> ConfigDict:
     c.data.path = paths.edit_records
     c.data.p_synthetic = 0.0  # instructions have no synthetic caption
     c.eval.every_steps = 0    # edit_evaluate scores the final weights
+    c.eval.sample_autoguidance, c.eval.sample_autoguidance_run = 1.0, ""  # no weak editor
     c.eval.path = ""
     c.checkpoint.every_steps = int(e.checkpoint_every)
     c.edit_eval = copy.deepcopy(config.job.edit.eval)  # `sd3jax edit`'s defaults

@@ -48,7 +48,7 @@ def prompt_following_enabled(config: ConfigDict) -> bool:
 def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline, progress: bool = False
                 ) -> tuple[list[dict[str, Any]], np.ndarray | list[np.ndarray]]:
   """(eval_prompt_specs, images of them) sampled with config.eval's steps / cfg / cfg_max_t /
-  shift / seed.
+  autoguidance / shift / seed.
 
   Standalone evaluation and the in-training eval both sample here, so their numbers agree.
   With several aspect-ratio buckets (config.data.buckets), prompt i is sampled at bucket
@@ -66,6 +66,7 @@ def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline, progress: bool = 
     out = sample_lib.generate(
         pipe, [specs[i]["prompt"] for i in which], height=h, width=w, steps=settings["steps"],
         guidance_scale=settings["cfg"], guidance_max_t=settings["cfg_max_t"],
+        autoguidance=settings["autoguidance"],
         shift=buckets_lib.sample_shift(config, h, w, settings["shift"]),
         seed=int(config.eval.get("seed", 0)), progress=progress)
     for j, i in enumerate(which):

@@ -20,14 +20,14 @@ Everything computes in float32 and is jit- and vmap-able.
 """
 from sd3jax.flow.formulations import (EDM, FORMULATIONS, EpsLinear, Formulation, RectifiedFlow,
                                      VCosine, get_formulation, loss, training_inputs)
-from sd3jax.flow.samplers import cfg, sample, sigmas
+from sd3jax.flow.samplers import autoguide, cfg, sample, sigmas
 from sd3jax.flow.timesteps import (DENSITIES, T_EPS, CosMap, Density, LogitNormal, Mode, Shifted,
                                    Uniform, get_density, plot_densities, resolution_shift,
                                    shift_time)
 
 __all__ = [
     "CosMap", "DENSITIES", "Density", "EDM", "EpsLinear", "FORMULATIONS", "Formulation",
-    "LogitNormal", "Mode", "RectifiedFlow", "Shifted", "T_EPS", "Uniform", "VCosine", "cfg",
-    "get_density", "get_formulation", "loss", "plot_densities", "resolution_shift", "sample",
+    "LogitNormal", "Mode", "RectifiedFlow", "Shifted", "T_EPS", "Uniform", "VCosine", "autoguide",
+    "cfg", "get_density", "get_formulation", "loss", "plot_densities", "resolution_shift", "sample",
     "shift_time", "sigmas", "training_inputs",
 ]

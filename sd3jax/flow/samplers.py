@@ -129,3 +129,29 @@ def cfg(model_fn: ModelFn, scale, image_scale=None, max_t: float = 1.0) -> Model
     return uncond + img_scale * (image - uncond) + text_scale * (full - image)
 
   return guided
+
+
+def autoguide(guided_fn: ModelFn, cond_fn: ModelFn, weak_fn: ModelFn, scale,
+              min_t: float) -> ModelFn:
+  """Autoguidance (Karras et al. 2024) above min_t, guided_fn (e.g. `cfg`) at or below it.
+
+  Above min_t: weak + scale (cond - weak). weak_fn is a weaker version of the same network
+  (an earlier checkpoint of the run), conditioned as cond_fn is, so the guidance steers away
+  from what an undertrained model gets wrong instead of away from the unconditional model:
+  at high noise, a model unsure of what a prompt leaves open (colour, place) drifts towards an
+  empty image, and its weaker self drifts further. scale 1 is cond_fn itself. min_t (static)
+  is in the formulation's time. With a guidance interval at the same t, every evaluation costs
+  the two network passes that CFG alone costs: lax.cond runs one branch when the batch shares
+  its t, as the samplers call it (a batch of mixed levels runs both).
+  """
+  def above(z, t):
+    weak = weak_fn(z, t)
+    return weak + scale * (cond_fn(z, t) - weak)
+
+  def fn(z: Array, t: Array) -> Array:
+    high = t > min_t
+    mask = high.reshape((-1,) + (1,) * (z.ndim - 1))
+    branch = jnp.where(jnp.all(high), 0, jnp.where(jnp.any(high), 2, 1))
+    return lax.switch(branch, [above, guided_fn,
+                               lambda z, t: jnp.where(mask, above(z, t), guided_fn(z, t))], z, t)
+  return fn
