@@ -346,7 +346,7 @@ def vae_ceiling(config: ConfigDict, paths: Paths) -> dict[str, float]:
   through_vae = shapes_checker.score_images(recon, specs)
   return {"truth_overall": shapes_checker.score_images(truth, specs)["overall"],
           **{f"vae_{k}": v for k, v in through_vae.items()
-             if k == "overall" or (k.startswith("attribute_"))}}
+             if k in ("overall", "attribute_color", "attribute_shape", "attribute_position")}}
 
 
 def stage_evaluate(config: ConfigDict, paths: Paths) -> dict[str, Any]:
