@@ -69,7 +69,9 @@ the shapes release 1.0.0 but the first):
     0.81 -> 0.85 / 0.82 -> 0.84 (seed 0) and 0.79 -> 0.80 / 0.81 -> 0.85 (seed 1). At
     scale 4, the main run's own checkpoints of steps 1,000 / 2,000 as the weak model gave
     0.84 / 0.83 and 0.85 / 0.82 (the 800-step run: 0.84 / 0.87, seed 0), and seed 1 lost
-    (0.78 / 0.80).
+    (0.78 / 0.80). On 1,000 prompts of set 501, which played no part in the choice, the gain
+    is small: shape 0.802 -> 0.815 and 0.802 -> 0.808, overall 0.602 -> 0.616 and 0.607 ->
+    0.615 (seeds 0 / 1); the default job's own eval: shape 0.83 -> 0.85.
   - CFG 5 at every step (before the interval): on 1,000 other prompts (5 sets of 40 per
     category; same prompts and noise) the lr 6e-3 weights drew the asked shape in 0.72 of
     single objects at CFG 3, 0.81 at CFG 4, 0.83 at CFG 5 (colour and position 0.99-1.00). Counts fell (0.28 -> 0.24) and

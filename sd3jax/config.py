@@ -246,7 +246,7 @@ def check_key_exists(config: ConfigDict, dotted: str) -> None:
 # means the same thing from any directory (`sd3jax sample --workdir RUN` from elsewhere).
 PATH_KEYS = ("data.path", "data.filter", "eval.path", "precompute.vae", "precompute.text_encoders",
              "precompute.source", "init_from", "compilation_cache_dir", "vae.perceptual_path",
-             "job.data", "job.data_val")
+             "job.data", "job.data_val", "eval.sample_autoguidance_run")
 
 
 def absolute(path: str) -> str:
@@ -417,7 +417,10 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       raise ConfigError(f"config.{key}={value} is out of range: it must be in {span}.")
 
   ev = config.eval
-  if config.task == "mmdit" and ev.sample_autoguidance != 1.0 and (
+  pre = config.get("precompute", None) or {}
+  samples = (pre.get("vae") and pre.get("text_encoders")
+             and ev.get("prompts_per_category", 0) > 0)  # its evals sample (sd3jax.evals.run)
+  if config.task == "mmdit" and samples and ev.sample_autoguidance != 1.0 and (
       ev.sample_cfg_max_t >= 1.0 or not ev.sample_autoguidance_run):
     raise ConfigError(
         f"config.eval.sample_autoguidance={ev.sample_autoguidance} guides the sampling steps "
