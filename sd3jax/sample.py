@@ -62,7 +62,7 @@ class Pipeline:
   scheduler_config: dict | None = None  # The source's scheduler_config.json, kept for export.
   mesh: Mesh | None = None
   rules: Any = "fsdp_tp"
-  # An earlier checkpoint of the same MM-DiT, for autoguidance (generate's `autoguidance`).
+  # A weaker version of the same MM-DiT (a shorter run), for generate's `autoguidance`.
   weak_transformer_params: Any = None
   # Compiled functions and derived views; not an init field, so dataclasses.replace starts afresh.
   _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
@@ -144,8 +144,9 @@ def _on_mesh(tree: Any, mesh: Mesh) -> bool:
                               and x.sharding.mesh == mesh for x in leaves)
 
 
-def _params_for(pipeline: Pipeline, mesh: Mesh | None) -> tuple[Any, Any]:
-  """The params as the jitted call needs them: replicated once on a foreign mesh, cached."""
+def _params_for(pipeline: Pipeline, mesh: Mesh | None) -> tuple[Any, Any, Any]:
+  """(MM-DiT, VAE, weak MM-DiT or None) params as the jitted call needs them: replicated once
+  on a foreign mesh, cached."""
   params = (pipeline.transformer_params, pipeline.vae_params, pipeline.weak_transformer_params)
   if mesh is None or _on_mesh(params, mesh):
     return params
@@ -221,8 +222,8 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
   from `seed`. Guidance runs when guidance_scale > 1 (diffusers' rule); a missing negative
   prompt is "". `guidance_max_t` < 1 guides only the steps at t <= guidance_max_t (a guidance
   interval, flow.cfg; diffusers has none, so 1.0 is its sampler). `autoguidance` > 1 guides
-  the steps above guidance_max_t with the pipeline's weak_transformer_params (an earlier
-  checkpoint, flow.autoguide; 1 = none). `shift` defaults to the
+  the steps above guidance_max_t with the pipeline's weak_transformer_params (a weaker
+  version of the same MM-DiT, flow.autoguide; 1 = none). `shift` defaults to the
   pipeline's (the scheduler's). `use_t5=False` replaces
   T5 by zeros; `clip_skip` applies to the positive prompt only (as in diffusers).
   `batch_sharding`: a NamedSharding whose first spec entry splits the batch (default:
@@ -276,7 +277,7 @@ def generate(pipeline: Pipeline, prompts: str | Sequence[str], *,
     raise ValueError(
         f"autoguidance={autoguidance} needs a scale > 1, guidance_max_t < 1 (it guides the steps "
         f"above it; got {guidance_max_t}) and the pipeline's weak_transformer_params (a run "
-        "configured with eval.sample_autoguidance_step loads them); 1 turns it off.")
+        "configured with eval.sample_autoguidance_run loads them); 1 turns it off.")
   run = _denoise_fn(pipeline, int(steps), sampler, shift, guided, float(guidance_max_t), mesh,
                     autoguided)
 
