@@ -136,12 +136,12 @@ def autoguide(guided_fn: ModelFn, cond_fn: ModelFn, weak_fn: ModelFn, scale,
   """Autoguidance (Karras et al. 2024) above min_t, guided_fn (e.g. `cfg`) at or below it.
 
   Above min_t: weak + scale (cond - weak). weak_fn is a weaker version of the same network
-  (an earlier checkpoint of the run), conditioned as cond_fn is, so the guidance steers away
+  (e.g. a shorter run of it), conditioned as cond_fn is, so the guidance steers away
   from what an undertrained model gets wrong instead of away from the unconditional model:
   at high noise, a model unsure of what a prompt leaves open (colour, place) drifts towards an
   empty image, and its weaker self drifts further. scale 1 is cond_fn itself. min_t (static)
   is in the formulation's time. With a guidance interval at the same t, every evaluation costs
-  the two network passes that CFG alone costs: lax.cond runs one branch when the batch shares
+  the two network passes that CFG alone costs: lax.switch runs one branch when the batch shares
   its t, as the samplers call it (a batch of mixed levels runs both).
   """
   def above(z, t):
