@@ -300,6 +300,15 @@ def to_json(config: ConfigDict) -> dict:
 # Validation (no compilation, no device memory)
 # ---------------------------------------------------------------------------
 
+
+def evals_sample(config: ConfigDict) -> bool:
+  """Whether the run's evals sample and score prompts (sd3jax.evals.run): that needs the
+  run's VAE and text encoders (config.precompute.vae / .text_encoders) and prompts."""
+  pre = config.get("precompute", None) or {}
+  return (bool(pre.get("vae")) and bool(pre.get("text_encoders"))
+          and int(config.eval.get("prompts_per_category", 4)) > 0)
+
+
 def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   """Raises ConfigError naming the key and the fix for configs that cannot work.
 
@@ -417,10 +426,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
       raise ConfigError(f"config.{key}={value} is out of range: it must be in {span}.")
 
   ev = config.eval
-  pre = config.get("precompute", None) or {}
-  samples = (pre.get("vae") and pre.get("text_encoders")
-             and ev.get("prompts_per_category", 0) > 0)  # its evals sample (sd3jax.evals.run)
-  if config.task == "mmdit" and samples and ev.sample_autoguidance != 1.0 and (
+  if config.task == "mmdit" and evals_sample(config) and ev.sample_autoguidance != 1.0 and (
       ev.sample_cfg_max_t >= 1.0 or not ev.sample_autoguidance_run):
     raise ConfigError(
         f"config.eval.sample_autoguidance={ev.sample_autoguidance} guides the sampling steps "

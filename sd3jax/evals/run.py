@@ -41,8 +41,7 @@ def eval_prompt_specs(config: ConfigDict) -> list[dict[str, Any]]:
 
 def prompt_following_enabled(config: ConfigDict) -> bool:
   """Shapes prompt following needs the run's VAE and text encoders, and prompts to score."""
-  return (sample_lib.run_components_configured(config)
-          and int(config.eval.get("prompts_per_category", 4)) > 0)
+  return config_lib.evals_sample(config)
 
 
 def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline, progress: bool = False
