@@ -179,13 +179,15 @@ def _denoise_fn(pipeline: Pipeline, steps: int, sampler: str, shift: float, guid
   def run(tparams, vparams, wparams, z1, context, pooled, guidance, autoguidance):
     def velocity(z, t):
       return model.apply({"params": tparams}, z, t, context, pooled)
-    model_fn = flow.cfg(velocity, guidance, max_t=max_t) if guided else velocity
+    n = z1.shape[0]
+    text, text_pooled = context[:n], pooled[:n]  # the prompts' half of [text; negative]
+
+    def cond(z, t):
+      return model.apply({"params": tparams}, z, t, text, text_pooled)
+    model_fn = flow.cfg(velocity, guidance, max_t=max_t, cond_fn=cond) if guided else velocity
     if autoguided:  # above max_t: the weak model conditioned on the prompt, not on ""
-      n = z1.shape[0]
-      text, text_pooled = context[:n], pooled[:n]
       model_fn = flow.autoguide(
-          model_fn, lambda z, t: model.apply({"params": tparams}, z, t, text, text_pooled),
-          lambda z, t: model.apply({"params": wparams}, z, t, text, text_pooled),
+          model_fn, cond, lambda z, t: model.apply({"params": wparams}, z, t, text, text_pooled),
           autoguidance, max_t)
     latents = flow.sample(model_fn, z1, steps, sampler, shift, pipeline.formulation)
     images = vae.decode_latents(vparams, latents)

@@ -366,6 +366,30 @@ def test_cfg_interval_guides_only_at_or_below_max_t():
       flow.cfg(model_fn, 5.0, max_t=bad)
 
 
+def test_cfg_interval_runs_the_conditional_pass_alone_above_max_t():
+  """With cond_fn, an evaluation whose every t is above max_t is one pass of cond_fn instead
+  of the batched [cond; uncond] call; a batch at or below max_t, or of mixed t, is guided as
+  without it. Same predictions either way."""
+  def model_fn(z, t):  # [cond; uncond] = [2 z + t; -z + t]
+    gain = jnp.repeat(jnp.array([2.0, -1.0]), z.shape[0] // 2)[:, None]
+    return gain * z + t[:, None]
+
+  def cond_fn(z, t):
+    return 2.0 * z + t[:, None]
+
+  z = jax.random.normal(jax.random.PRNGKey(14), (3, 4))
+  for t in ([0.9, 0.95, 1.0], [0.2, 0.5, 0.85], [0.2, 0.9, 1.0]):
+    t = jnp.array(t)
+    want = flow.cfg(model_fn, 5.0, max_t=0.85)(z, t)
+    got = jax.jit(flow.cfg(model_fn, 5.0, max_t=0.85, cond_fn=cond_fn))(z, t)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  marked = flow.cfg(model_fn, 5.0, max_t=0.85, cond_fn=lambda z, t: cond_fn(z, t) + 100.0)
+  above, mixed = jnp.array([0.9, 0.95, 1.0]), jnp.array([0.2, 0.9, 1.0])
+  np.testing.assert_allclose(marked(z, above), cond_fn(z, above) + 100.0, atol=1e-5)
+  np.testing.assert_allclose(marked(z, mixed), flow.cfg(model_fn, 5.0, max_t=0.85)(z, mixed),
+                             atol=1e-6)
+
+
 def test_autoguide_above_min_t_and_the_guided_prediction_below():
   """Above min_t: weak + scale (cond - weak); at or below: guided_fn; per example when a
   batch mixes levels; scale 1 is the conditional prediction."""

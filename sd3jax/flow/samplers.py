@@ -95,7 +95,8 @@ def sample(model_fn: ModelFn, z1: Array, steps: int, sampler: str = "euler", shi
   return x
 
 
-def cfg(model_fn: ModelFn, scale, image_scale=None, max_t: float = 1.0) -> ModelFn:
+def cfg(model_fn: ModelFn, scale, image_scale=None, max_t: float = 1.0,
+        cond_fn: ModelFn | None = None) -> ModelFn:
   """Classifier-free guidance as one batched network call per evaluation.
 
   model_fn sees the batch [z; z] (text guidance) or [z; z; z] (InstructPix2Pix dual guidance) and
@@ -108,7 +109,10 @@ def cfg(model_fn: ModelFn, scale, image_scale=None, max_t: float = 1.0) -> Model
   max_t (static): guide only where t <= max_t, and return the fully conditioned prediction
   above it (a guidance interval, Kynkaenniemi et al. 2024; t in the formulation's time, for
   rectified flow the noise level). Guidance at the highest noise levels multiplies the objects
-  a small model places; 1.0 guides every step.
+  a small model places; 1.0 guides every step. cond_fn (optional; with max_t < 1) is the
+  conditional prediction alone, on z as given: an evaluation whose every t is above max_t
+  calls it instead of the batched model_fn, one network pass instead of n (with shift 6 and
+  28 steps, 15 of the 28 evaluations are above 0.85).
   """
   n = 2 if image_scale is None else 3
   if not 0.0 < float(max_t) <= 1.0:
@@ -128,7 +132,9 @@ def cfg(model_fn: ModelFn, scale, image_scale=None, max_t: float = 1.0) -> Model
     full, image, uncond = parts
     return uncond + img_scale * (image - uncond) + text_scale * (full - image)
 
-  return guided
+  if cond_fn is None or max_t >= 1.0:
+    return guided
+  return lambda z, t: lax.cond(jnp.all(t > max_t), cond_fn, guided, z, t)
 
 
 def autoguide(guided_fn: ModelFn, cond_fn: ModelFn, weak_fn: ModelFn, scale,
@@ -141,8 +147,8 @@ def autoguide(guided_fn: ModelFn, cond_fn: ModelFn, weak_fn: ModelFn, scale,
   at high noise, a model unsure of what a prompt leaves open (colour, place) drifts towards an
   empty image, and its weaker self drifts further. scale 1 is cond_fn itself. min_t (static)
   is in the formulation's time. With a guidance interval at the same t, every evaluation costs
-  the two network passes that CFG alone costs: lax.switch runs one branch when the batch shares
-  its t, as the samplers call it (a batch of mixed levels runs both).
+  two network passes (weak and cond above, CFG's pair below): lax.switch runs one branch when
+  the batch shares its t, as the samplers call it (a batch of mixed levels runs both).
   """
   def above(z, t):
     weak = weak_fn(z, t)
