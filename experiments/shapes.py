@@ -66,7 +66,10 @@ the shapes release 1.0.0 but the first):
     against 0.847 / 0.818 / 0.815 and 0.807 / 0.802 / 0.802; overall 0.634 / 0.621 / 0.656
     against 0.607 / 0.605 / 0.616 and 0.599 / 0.596 / 0.602; validation loss 0.2501
     against 0.2525. On the slower Xeon of that run (a compiled step 133 ms, 117 on the
-    first) 4,400 steps made 15 min 24 s of stages, so the default is 4,200.
+    first) 4,400 steps made 15 min 24 s of stages, so the default is 4,200; its
+    fresh-clone run took 15 min 28 s on a still slower hour of that day (still over) and
+    scored 0.87 on its own eval, 0.833 / 0.837 / 0.812 on those sets: shape moves by
+    0.02-0.04 between two runs so alike.
   - autoguidance (`weak_steps=800`; off by default since the line above): 2 above t = 0.85,
     where CFG is off (Karras et al. 2024; `flow.autoguide`, `eval.sample_autoguidance`):
     weak + 2 (model - weak), the weak model being this MM-DiT trained for 800 steps (the
