@@ -69,7 +69,8 @@ the shapes release 1.0.0 but the first):
     first) 4,400 steps made 15 min 24 s of stages, so the default is 4,200; its
     fresh-clone run took 15 min 28 s on a still slower hour of that day (still over) and
     scored 0.87 on its own eval, 0.833 / 0.837 / 0.812 on those sets: shape moves by
-    0.02-0.04 between two runs so alike.
+    0.02-0.04 between two runs so alike. Seed 1 of it: 0.75 on its own eval, 0.792 /
+    0.810 / 0.810 on those sets (validation loss 0.2636 against 0.2471).
   - autoguidance (`weak_steps=800`; off by default since the line above): 2 above t = 0.85,
     where CFG is off (Karras et al. 2024; `flow.autoguide`, `eval.sample_autoguidance`):
     weak + 2 (model - weak), the weak model being this MM-DiT trained for 800 steps (the
