@@ -215,6 +215,19 @@ def test_evaluate_writes_step_json(run):
   assert bare["step"] == 1 and bare["weights"] == "raw"
   assert not any(k.startswith("shapes/") for k in bare)
   assert bare["val_loss"] != saved["val_loss"]
+  # Other eval settings (here other prompts) are written beside the run's own eval, not over it.
+  config = sample.run_config(None, run["workdir"])
+  with config.unlocked():
+    config.eval.seed = 7
+  other = eval_run.evaluate_main(config, run["workdir"], step=2)[0]
+  assert other["eval_changed"] == {"seed": 7}
+  with open(os.path.join(run["workdir"], "eval", "step_2.json")) as f:
+    assert json.load(f) == saved
+  beside = [n for n in os.listdir(os.path.join(run["workdir"], "eval"))
+            if n.startswith("step_2_")]
+  assert len(beside) == 1
+  with open(os.path.join(run["workdir"], "eval", beside[0])) as f:
+    assert json.load(f)["eval_changed"] == {"seed": 7}
 
 
 def test_export_round_trip_matches_diffusers(run, tmp_path):

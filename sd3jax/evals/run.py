@@ -14,6 +14,7 @@ zero. FID / CLIP score are present only when config.eval.fid_network / clip_netw
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Sequence
@@ -110,7 +111,9 @@ def prompt_following(config: ConfigDict, pipe: sample_lib.Pipeline,
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema: bool = True,
                         mesh: Any = None, progress: bool = False) -> dict[str, Any]:
-  """Evaluates checkpoint `step` of `workdir`; writes and returns eval/step_<step>.json."""
+  """Evaluates checkpoint `step` of `workdir`; writes and returns eval/step_<step>.json, or
+  eval/step_<step>_<hash>.json (with "eval_changed") when config.eval differs from the run's
+  own settings or the weights are the raw ones."""
   config = sample_lib.run_config(config, workdir)
   if mesh is None:
     mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
@@ -123,11 +126,28 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema:
   else:
     logging.info("No config.precompute.vae / text_encoders (or eval.prompts_per_category "
                  "= 0): prompt following not measured.")
+  name = f"step_{int(step)}.json"
+  changed = _changed_eval_settings(config, workdir)
+  if changed or not use_ema:  # not the run's own eval: beside it, not over it
+    result["eval_changed"] = changed
+    tag = json.dumps([changed, use_ema], sort_keys=True, default=str).encode()
+    name = f"step_{int(step)}_{hashlib.sha256(tag).hexdigest()[:8]}.json"
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"step_{int(step)}.json"), "w") as f:
+    with open(os.path.join(workdir, "eval", name), "w") as f:
       json.dump(result, f, indent=1)
   return result
+
+
+def _changed_eval_settings(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """config.eval's settings that differ from the run's own (its config.json): an evaluation
+  with other prompts, seeds or sampler settings must not replace the in-training eval's file,
+  which the job's evaluate stage and the time-to-quality plot read."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return {}
+  own = config_lib.to_json(sample_lib.run_config(None, workdir)).get("eval", {})
+  now = config_lib.to_json(config).get("eval", {})
+  return {k: v for k, v in sorted(now.items()) if own.get(k) != v}
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
