@@ -359,7 +359,7 @@ def stage_evaluate(config: ConfigDict, paths: Paths) -> dict[str, Any]:
   if result is None:
     result = eval_run.evaluate_checkpoint(c, paths.mmdit, step, progress=True)
   if (int(config.job.get("ceiling_examples", 0)) > 0 and not config.job.data
-      and eval_run.prompt_following_enabled(c)):  # the ceiling scores the eval's prompts
+      and config_lib.evals_sample(c)):  # the ceiling scores the eval's prompts
     result["ceiling"] = vae_ceiling(c, paths)
   _write_json(paths.eval, result)
   plot = time_to_quality.plot(os.path.join(paths.mmdit, "metrics.jsonl"), paths.job,

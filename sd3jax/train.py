@@ -321,9 +321,8 @@ def mmdit_task(config: ConfigDict, mesh: Mesh, workdir: str = "") -> Task:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
 
   def make_evals() -> list[EvalFn]:
-    from sd3jax.evals import run as eval_run
     evals = [hooks.make_validation_loss(config, model, mesh)]
-    if eval_run.prompt_following_enabled(config):  # Else no way from latents to pixels.
+    if config_lib.evals_sample(config):  # Else no way from latents to pixels.
       evals.append(hooks.make_prompt_following(config, model, mesh, workdir))
     return evals
   return Task(name="mmdit", init_params=mmdit_init_params(config, model, shards),

@@ -40,11 +40,6 @@ def eval_prompt_specs(config: ConfigDict) -> list[dict[str, Any]]:
   return [spec for cat in shapes.EVAL_CATEGORIES for spec in shapes.sample_eval_prompts(cat, k, seed)]
 
 
-def prompt_following_enabled(config: ConfigDict) -> bool:
-  """Shapes prompt following needs the run's VAE and text encoders, and prompts to score."""
-  return config_lib.evals_sample(config)
-
-
 def eval_images(config: ConfigDict, pipe: sample_lib.Pipeline, progress: bool = False
                 ) -> tuple[list[dict[str, Any]], np.ndarray | list[np.ndarray]]:
   """(eval_prompt_specs, images of them) sampled with config.eval's steps / cfg / cfg_max_t /
@@ -120,7 +115,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema:
   model, params = sample_lib.load_run_params(config, workdir, mesh, step=step, use_ema=use_ema)
   result: dict[str, Any] = {"step": int(step), "weights": "ema" if use_ema else "raw"}
   result.update(validation.ValidationLoss(config, model, mesh)(params))
-  if prompt_following_enabled(config):
+  if config_lib.evals_sample(config):
     pipe = sample_lib.pipeline_from_run(config, workdir, step=step, use_ema=use_ema, mesh=mesh)
     result.update(prompt_following(config, pipe, progress))
   else:
