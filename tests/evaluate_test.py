@@ -230,6 +230,29 @@ def test_evaluate_writes_step_json(run):
     assert json.load(f)["eval_changed"] == {"seed": 7}
 
 
+def test_evaluate_all_steps_loads_and_compiles_once(run, monkeypatch):
+  singles = [eval_run.evaluate_checkpoint(run["config"], run["workdir"], s) for s in (1, 2)]
+  loads, denoisers = [], []
+  load, denoise_fn = sample.load_run_components, sample._denoise_fn
+
+  def counting_load(*args, **kwargs):
+    loads.append(args)
+    return load(*args, **kwargs)
+
+  def recording_denoise_fn(*args, **kwargs):
+    denoisers.append(denoise_fn(*args, **kwargs))
+    return denoisers[-1]
+  monkeypatch.setattr(sample, "load_run_components", counting_load)
+  monkeypatch.setattr(sample, "_denoise_fn", recording_denoise_fn)
+  results = eval_run.evaluate_main(None, run["workdir"], all_steps=True)
+  assert [r["step"] for r in results] == [1, 2]
+  assert len(loads) == 1  # the VAE and text encoders, once for both checkpoints
+  assert len(denoisers) >= 2 and all(d is denoisers[0] for d in denoisers)  # one compile
+  # ... and each step scores as it does alone (its own weights, not the first step's).
+  for single, result in zip(singles, results, strict=True):
+    assert json.loads(json.dumps(result)) == json.loads(json.dumps(single))
+
+
 def test_export_round_trip_matches_diffusers(run, tmp_path):
   from diffusers import StableDiffusion3Pipeline
   prompts = ["a red circle on the left", "two blue squares"]

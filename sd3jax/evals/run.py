@@ -109,14 +109,27 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema:
   """Evaluates checkpoint `step` of `workdir`; writes and returns eval/step_<step>.json, or
   eval/step_<step>_<hash>.json (with "eval_changed") when config.eval differs from the run's
   own settings or the weights are the raw ones."""
-  config = sample_lib.run_config(config, workdir)
+  return _evaluate(sample_lib.run_config(config, workdir), workdir, step, use_ema, mesh,
+                   progress, None)[0]
+
+
+def _evaluate(config: ConfigDict, workdir: str, step: int, use_ema: bool, mesh: Any,
+              progress: bool, pipe: sample_lib.Pipeline | None
+              ) -> tuple[dict[str, Any], sample_lib.Pipeline | None]:
+  """evaluate_checkpoint, reusing `pipe` (its VAE, text encoders and compiled sampler) when
+  given: `--all-steps` loads the components and compiles once, and reads each checkpoint
+  once. Returns (result, the pipeline with this step's weights)."""
   if mesh is None:
     mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
   model, params = sample_lib.load_run_params(config, workdir, mesh, step=step, use_ema=use_ema)
   result: dict[str, Any] = {"step": int(step), "weights": "ema" if use_ema else "raw"}
   result.update(validation.ValidationLoss(config, model, mesh)(params))
   if config_lib.evals_sample(config):
-    pipe = sample_lib.pipeline_from_run(config, workdir, step=step, use_ema=use_ema, mesh=mesh)
+    if pipe is None:
+      pipe = sample_lib.pipeline_from_params(
+          config, model, params, sample_lib.load_run_components(config, mesh), mesh)
+    else:
+      pipe = sample_lib.with_transformer_params(pipe, params)
     result.update(prompt_following(config, pipe, progress))
   else:
     logging.info("No config.precompute.vae / text_encoders (or eval.prompts_per_category "
@@ -131,7 +144,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int, *, use_ema:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", name), "w") as f:
       json.dump(result, f, indent=1)
-  return result
+  return result, pipe
 
 
 def _changed_eval_settings(config: ConfigDict, workdir: str) -> dict[str, Any]:
@@ -168,10 +181,10 @@ def evaluate_main(config: ConfigDict | None, workdir: str, step: int | None = No
     todo = [steps[-1]]
   config = sample_lib.run_config(config, workdir)
   mesh = parallel.make_mesh(*config_lib.mesh_sizes(config))
-  results = []
+  results, pipe = [], None
   for s in todo:
-    results.append(evaluate_checkpoint(config, workdir, s, use_ema=use_ema, mesh=mesh,
-                                       progress=True))
+    result, pipe = _evaluate(config, workdir, s, use_ema, mesh, True, pipe)
+    results.append(result)
     logging.info("eval step %d: val_loss %.6f", s, results[-1]["val_loss"])
     print(json.dumps({k: v for k, v in results[-1].items() if k != "per_t"}))
   return results
