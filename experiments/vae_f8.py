@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       disc_start=a["disc"], disc_weight=0.5, disc_factor=1.0, disc_loss="hinge",
       disc_ndf=32, disc_layers=2, disc_lr_ratio=1.0, disc_b1=0.5, disc_b2=0.9,
       eval_examples=64,
+      train_crop=0,  # > 0: train on a random window of this side of each image
   ))
 
   # Data: procedural shapes (sd3jax.data.shapes), 64x64, rendered into a TFDS build.

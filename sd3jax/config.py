@@ -78,6 +78,7 @@ def defaults() -> ConfigDict:
       disc_start=50_001, disc_weight=0.5, disc_factor=1.0, disc_loss="hinge",
       disc_ndf=64, disc_layers=3, disc_lr_ratio=1.0, disc_b1=0.5, disc_b2=0.9,
       eval_examples=64,        # held-out images for PSNR / SSIM (records: the last ones)
+      train_crop=0,            # > 0: train on one random window of this side per image
   ))
   c.conditioning = ConfigDict(dict(
       clip_l_dim=768, clip_g_dim=1280, t5_dim=4096,
@@ -403,10 +404,15 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   if config.task not in ("mmdit", "vae"):
     raise ConfigError(f"config.task={config.task!r}; choose 'mmdit' or 'vae'.")
   if config.task == "vae":
-    f = 2 ** 3  # models.vae.vae_config: 4 levels
+    f = 2 ** (len(config.vae.channel_mult) - 1)  # models.vae.vae_config: one per level
     if config.data.image_size % f:
       raise ConfigError(f"config.data.image_size={config.data.image_size} is not divisible by "
                         f"the VAE's downsampling factor {f}.")
+    crop = int(config.vae.get("train_crop", 0))
+    if crop and (crop % f or not 0 < crop <= config.data.image_size):
+      raise ConfigError(f"config.vae.train_crop={crop} must be a multiple of the VAE's "
+                        f"downsampling factor {f} and at most config.data.image_size="
+                        f"{config.data.image_size} (or 0 for whole images).")
     if config.data.source not in ("shapes", "records"):
       raise ConfigError(f"config.data.source={config.data.source!r} with config.task='vae'; "
                         "use 'shapes' or 'records' (ingested images).")

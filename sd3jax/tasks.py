@@ -7,7 +7,8 @@ EMA, checkpoints, metrics and the non-finite guard are sd3jax.train's, shared. T
 - one optimizer: optax.multi_transform of AdamW for "vae" and AdamW (taming's betas) for
   "disc", inside the trainer's injected learning rate (the disc's LR is a ratio of it);
 - loss = sd3jax.vae_losses.vae_train_losses (L1/L2 + KL + optional LPIPS + PatchGAN hinge
-  from vae.disc_start on); before disc_start the disc's gradient is exactly zero, so Adam
+  from vae.disc_start on), on whole images or, with vae.train_crop > 0, on one random
+  window of that side per image (evals still see whole images); before disc_start the disc's gradient is exactly zero, so Adam
   (no weight decay) leaves its params unchanged;
 - data: "image" batches of make_image_text_pipeline over a shapes TFDS build (built on
   the fly) or an ingested records folder; resumable like every trainer iterator;
@@ -131,6 +132,21 @@ def make_perceptual(config: ConfigDict):
     raise config_lib.ConfigError("config.vae.perceptual_weight > 0 needs config.vae."
                                  "perceptual_path (a local LPIPS / VGG16 safetensors).")
   return vae_losses.load_lpips_vgg16(path)
+
+
+def random_crops(images: jax.Array, size: int, rng: jax.Array) -> jax.Array:
+  """One size x size window of each NHWC image, at offsets drawn from rng.
+
+  The step's key draws the offsets, so a resumed run crops the same windows. The
+  autoencoder is convolutional (its attention sees the smaller latent too), so it trains on
+  windows and still encodes whole images; SD's VAEs trained on 256^2 crops of larger images.
+  """
+  n, h, w, c = images.shape
+  ky, kx = jax.random.split(rng)
+  ys = jax.random.randint(ky, (n,), 0, h - size + 1)
+  xs = jax.random.randint(kx, (n,), 0, w - size + 1)
+  window = lambda image, y, x: jax.lax.dynamic_slice(image, (y, x, 0), (size, size, c))
+  return jax.vmap(window)(images, ys, xs)
 
 
 def forward_flops(model: vae_lib.AutoencoderKL, image_size: int) -> float:
@@ -355,6 +371,7 @@ def vae_task(config: ConfigDict, mesh: Mesh, workdir: str) -> train.Task:
   model, disc, cfg = vae_model(config), disc_model(config), loss_config(config)
   perceptual = make_perceptual(config)
   size = int(config.data.image_size)
+  crop = int(config.vae.get("train_crop", 0))
 
   def init_params(rng):
     vae_rng, disc_rng = jax.random.split(rng)
@@ -367,12 +384,16 @@ def vae_task(config: ConfigDict, mesh: Mesh, workdir: str) -> train.Task:
     return {"vae": vae_params, "disc": disc.init(disc_rng, x)["params"]}
 
   def loss(params, batch: Mapping[str, jax.Array], rng, step):
+    images = batch["image"].astype(jnp.float32)
+    if crop:
+      rng, crop_rng = jax.random.split(rng)
+      images = random_crops(images, crop, crop_rng)
     total, metrics = vae_losses.vae_train_losses(
-        model, disc, params, batch["image"].astype(jnp.float32), rng, step, cfg, perceptual)
+        model, disc, params, images, rng, step, cfg, perceptual)
     metrics.pop("loss", None)
     return total, metrics
 
-  flops = 3.0 * forward_flops(model, size) * int(config.batch_size)
+  flops = 3.0 * forward_flops(model, crop or size) * int(config.batch_size)
   return train.Task(
       name="vae", init_params=init_params,
       loss_and_grads=train.grads_of(loss, int(config.microbatches), mesh,

@@ -319,3 +319,64 @@ def test_the_vae_task_refuses_muon():
     config.optimizer.name = "muon"
   with pytest.raises(ValueError, match="optimizer.name='muon'.*AdamW only"):
     tasks.make_optimizer(config)
+
+
+def test_random_crops_are_windows_of_each_image():
+  images = jax.numpy.arange(6 * 12 * 10 * 2, dtype=jax.numpy.float32).reshape(6, 12, 10, 2)
+  rng = jax.random.PRNGKey(3)
+  crops = np.asarray(tasks.random_crops(images, 4, rng))
+  assert crops.shape == (6, 4, 4, 2)
+  images = np.asarray(images)
+  offsets = set()
+  for image, crop in zip(images, crops):
+    # Values are unique, so the first one places the window; all of it must match there.
+    y, x, _ = (int(i[0]) for i in np.nonzero(image == crop[0, 0, 0]))
+    assert y + 4 <= 12 and x + 4 <= 10
+    np.testing.assert_array_equal(crop, image[y:y + 4, x:x + 4])
+    offsets.add((y, x))
+  assert len(offsets) > 1  # drawn per image, not one window for the batch
+  np.testing.assert_array_equal(crops, tasks.random_crops(images, 4, rng))  # resumable
+
+
+def test_train_crop_trains_on_windows_and_evaluates_whole_images(data_dir, tmp_path):
+  crop = dict(vae__train_crop=16, eval__every_steps=4)
+  config = tiny_vae(data_dir, total_steps=4, **crop)
+  whole = config_lib.validate(tiny_vae(data_dir), 2)
+  cropped = config_lib.validate(config, 2)
+  mesh = train.make_mesh(whole, DEVICES)
+  # 16^2 windows: a quarter of the convolutions; the mid-block attention shrinks 16-fold.
+  ratio = (tasks.vae_task(cropped, mesh, str(tmp_path)).flops_per_step
+           / tasks.vae_task(whole, mesh, str(tmp_path)).flops_per_step)
+  assert 0.2 < ratio < 0.25, ratio
+
+  straight = train.train(config, str(tmp_path / "straight"), devices=DEVICES)
+  assert all(np.isfinite(h["rec_loss"]) for h in straight.history)
+  with open(tmp_path / "straight" / "metrics.jsonl") as f:
+    evals = [r for r in map(json.loads, f) if "eval/psnr" in r]
+  assert [r["step"] for r in evals] == [4] and np.isfinite(evals[0]["eval/psnr"])
+  from PIL import Image  # the eval reconstructs whole 32^2 images, not windows
+  grid = Image.open(tmp_path / "straight" / "samples" / "recon_step_4.png")
+  assert grid.size == (4 * 32, 2 * 32)
+
+  # The windows come from the step's key: stopping at step 2 and resuming is exact.
+  resumed_dir = str(tmp_path / "resumed")
+  train.train(tiny_vae(data_dir, total_steps=2, **crop), resumed_dir, devices=DEVICES)
+  resumed = train.train(config, resumed_dir, devices=DEVICES)
+  assert [h["step"] for h in resumed.history] == [3, 4]
+  assert_trees_equal(resumed.state.params, straight.state.params)
+
+
+@pytest.mark.parametrize("crop", [12, 40, -8])
+def test_train_crop_must_fit_the_downsampling(data_dir, crop):
+  config = tiny_vae(data_dir, vae__train_crop=crop)
+  with pytest.raises(config_lib.ConfigError, match=r"vae.train_crop=.*multiple of the VAE's "
+                     r"downsampling factor 8 and at most config.data.image_size=32"):
+    config_lib.validate(config, 2)
+
+
+def test_train_crop_follows_the_configured_downsampling(data_dir):
+  # Three levels downsample by 4 (not the default 8), so a 12^2 window fits there.
+  f4 = tiny_vae(data_dir, vae__train_crop=12)
+  with f4.unlocked():
+    f4.vae.channel_mult = (1, 2, 4)  # as experiments/shapes.py sets it
+  assert config_lib.validate(f4, 2).vae.train_crop == 12
