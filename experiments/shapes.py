@@ -13,8 +13,8 @@ each prompt at one bucket (in turn) and report the checker per bucket.
 Stages (sd3jax.job; each resumable, skipped once done):
   data        procedural shapes, 64x64: `num_train` train / 512 validation scenes (TFDS build)
   encoders    tiny random stand-ins for CLIP-L / CLIP-G / T5 (sd3jax.embedded_encoders)
-  vae         an f4, 16-channel KL autoencoder (64x64 -> 16x16x16), then SD3's latent
-              scaling / shift factors fitted to its latents
+  vae         an f4, 16-channel KL autoencoder (64x64 -> 16x16x16), trained on random
+              32x32 windows, then SD3's latent scaling / shift factors fitted to its latents
   precompute  VAE posterior moments + embeddings of both captions -> records (bf16)
   weak        (with weak_steps=N only) the same MM-DiT trained for N steps: the weak model
               of the sampler's autoguidance; off by default (the docstring)
@@ -179,6 +179,13 @@ def _vae_config(a: dict) -> ConfigDict:
   # KL 1e-4 (LDM: 1e-6): a wider posterior gives the MM-DiT cleaner latents (fewer stray
   # specks seen at 3e-4); ceiling 0.99, PSNR 30.4 (3e-4: 0.94).
   c.vae.kl_weight = 1e-4
+  # One random 32x32 window per image at batch 16 (`vae.train_crop`): half the pixels of 8
+  # whole images per step, so the stage takes about half the time; the autoencoder is
+  # convolutional and still encodes whole 64x64 images. 400 steps (AMD EPYC, same data):
+  # held-out PSNR 29.4 against 31.5 dB for whole images, the checker on round trips of 500
+  # prompts' renders 0.996 against 1.00.
+  c.vae.train_crop = 32
+  c.batch_size = 16
   c.vae.fit_examples = 512  # SD3's scaling / shift factors fitted on 512 training images
   c.vae.eval_examples = 64
   c.checkpoint.every_steps = 100
