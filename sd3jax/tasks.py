@@ -8,8 +8,8 @@ EMA, checkpoints, metrics and the non-finite guard are sd3jax.train's, shared. T
   "disc", inside the trainer's injected learning rate (the disc's LR is a ratio of it);
 - loss = sd3jax.vae_losses.vae_train_losses (L1/L2 + KL + optional LPIPS + PatchGAN hinge
   from vae.disc_start on), on whole images or, with vae.train_crop > 0, on one random
-  window of that side per image (evals still see whole images); before disc_start the disc's gradient is exactly zero, so Adam
-  (no weight decay) leaves its params unchanged;
+  window of that side per image (evals still see whole images); before disc_start the
+  disc's gradient is exactly zero, so Adam (no weight decay) leaves its params unchanged;
 - data: "image" batches of make_image_text_pipeline over a shapes TFDS build (built on
   the fly) or an ingested records folder; resumable like every trainer iterator;
 - eval: held-out PSNR / SSIM of the EMA weights (posterior mode) -> eval/psnr, eval/ssim,
