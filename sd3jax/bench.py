@@ -93,7 +93,8 @@ def build_jax_step(config: ConfigDict, devices=None) -> dict[str, Any]:
     batch = train.shard_batch(next(task.make_data(config)), mesh, train.batch_axes(rules))
     step_fn = jax.jit(train.make_train_step(config, task, schedule),
                       in_shardings=(shardings, None),
-                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0,
+                      compiler_options=task.compiler_options)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

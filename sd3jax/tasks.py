@@ -20,6 +20,7 @@ EMA, checkpoints, metrics and the non-finite guard are sd3jax.train's, shared. T
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Iterator, Mapping
 
@@ -292,7 +293,7 @@ def make_reconstruction_eval(config: ConfigDict, model: vae_lib.AutoencoderKL, m
     logging.info("rFID: feature network %s (config.eval.fid_network), %d-dim features of "
                  "%d held-out images.", fid_spec, reference[0].shape[0], len(images))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=parallel.conv_compiler_options(mesh))
   def metrics_of(params, x):
     recon, _ = model.apply({"params": params}, x)
     a, b = vae_losses.to_unit(x), vae_losses.to_unit(recon)
@@ -334,7 +335,8 @@ def fit_latent_normalization(config: ConfigDict, model: vae_lib.AutoencoderKL, p
   source, _ = image_sources(config)
   n, size = min(int(examples), len(source)), int(config.data.image_size)
   encode = jax.jit(lambda p, x, rng: model.apply({"params": p}, x,
-                                                 method=vae_lib.AutoencoderKL.encode).sample(rng))
+                                                 method=vae_lib.AutoencoderKL.encode).sample(rng),
+                   compiler_options=parallel.conv_compiler_options())
   latents = []
   for start in range(0, n, 64):
     images = first_images(source, start, min(n, start + 64), size)
@@ -400,4 +402,5 @@ def vae_task(config: ConfigDict, mesh: Mesh, workdir: str) -> train.Task:
                                     train.batch_axes(config.sharding_rules)),
       make_data=make_data, tx=make_optimizer(config), flops_per_step=flops,
       make_evals=lambda: [make_reconstruction_eval(config, model, mesh, workdir)],
-      finish=lambda wd, state: export_vae(config, model, wd, state))
+      finish=lambda wd, state: export_vae(config, model, wd, state),
+      compiler_options=parallel.conv_compiler_options(mesh))

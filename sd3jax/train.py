@@ -98,6 +98,7 @@ class Task:
   buckets: Sequence[tuple[int, int]] = ()
   spatial_key: str = "latents"
   bucket_names: Sequence[str] = ()             # per bucket, for logs ("HxW" in pixels)
+  compiler_options: dict[str, str] | None = None  # for the step (parallel.conv_compiler_options)
 
 
 @dataclasses.dataclass
@@ -475,7 +476,7 @@ def train(config: ConfigDict, workdir: str, *, data: Iterator | None = None,
       step_fn = jax.jit(make_train_step(config, task, schedule),
                         in_shardings=(shardings, None),  # metrics replicated: every
                         out_shardings=(shardings, parallel.replicated(mesh)),  # host reads
-                        donate_argnums=0)
+                        donate_argnums=0, compiler_options=task.compiler_options)
       compiled: dict[tuple, Any] = {}  # batch shapes -> executable (one per bucket)
       compiles: list[dict[str, Any]] = []
       hist_log: dict[str, list] = {}

@@ -95,7 +95,8 @@ class BatchEncoder:
         post = model.apply({"params": params}, images, method=type(model).encode)
         return post.mean.astype(dtype), post.std.astype(dtype)
       out = self._batch_sharding(4)
-      jitted = jax.jit(fn, out_shardings=(out, out))
+      jitted = jax.jit(fn, out_shardings=(out, out),
+                       compiler_options=parallel.conv_compiler_options(self.mesh))
       images = jax.ShapeDtypeStruct((count, *hw, 3), jnp.float32,
                                     sharding=self._batch_sharding(4))
       self._vae[key] = _compile(jitted, (self._abstract(self.vae_params), images), self.mesh,
