@@ -219,6 +219,20 @@ def test_sharded_matches_single_device(folders, noise, ours_images):
   assert err < 1e-5
 
 
+def test_the_sampler_compiles_with_xla_s_own_convolutions_on_cpu(ours, noise):
+  """The denoise program (MM-DiT steps + VAE decode) asks XLA:CPU for its own convolution
+  kernels (parallel.conv_compiler_options), as the VAE's train step does: no YNNPACK fusion
+  is left in what XLA compiled."""
+  run = sample._denoise_fn(ours, STEPS, "euler", ours.shift, True, 1.0, None)
+  n = len(PROMPTS)
+  context = np.zeros((2 * n,) + ours.text_encoders.context_shape, np.float32)
+  pooled = np.zeros((2 * n, CLIP_L + CLIP_G), np.float32)
+  compiled = run.lower(ours.transformer_params, ours.vae_params, None, noise, context, pooled,
+                       np.float32(GUIDANCE), np.float32(1.0)).compile()
+  assert parallel.conv_compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert "__ynn_fusion" not in compiled.as_text()
+
+
 def test_noise_depends_only_on_seed_and_index():
   full = sample.initial_noise(7, np.arange(3), (4, 4, 16))
   np.testing.assert_array_equal(sample.initial_noise(7, [2], (4, 4, 16))[0], full[2])
