@@ -7,7 +7,8 @@ SD3JAX_MAIN_JOB_WORKDIR=DIR it checks a finished job's DIR/summary.json instead 
 the job again (the README's fresh-clone run is checked that way).
 SD3JAX_MAIN_JOB_CONFIG=experiments/shapes.py:ARG runs a variant of the job instead (e.g.
 steps=7200). It passes on the README's fresh-clone run of the default (d073d09, the AVX2
-AMD machine: shape 0.87, 52 of 60), on that of 88133e8 (the Xeon: 0.87) and on that of 858088f (3,600 steps with autoguidance: 0.85, exactly).
+AMD machine: shape 0.87, 52 of 60; it fails on the same recipe with training seed 1 on that
+run's records: colour 0.90, shape 0.62), on that of 88133e8 (the Xeon: 0.87) and on that of 858088f (3,600 steps with autoguidance: 0.85, exactly).
 It failed on the runs of 70a0a53 and 449f928 (shape 0.82 / 0.83), passed on one earlier run
 of four (shapes 1.0.0, the slower machine, seed 0: shape 0.87) and on the earlier AdamW
 recipe with twice its steps (README, "Twice the training"). These were checked through
