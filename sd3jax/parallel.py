@@ -120,8 +120,9 @@ def _num_slices(devices: Sequence[jax.Device]) -> int:
 # XLA:CPU (jaxlib 0.10) hands dots and convolutions to YNNPACK. For convolutional nets (the
 # VAE) its own kernels are faster, above all for the weight gradients (convolutions with a
 # 64x64 window): the shapes job's VAE step 632 -> 370 ms, its VAE stage 316 -> 232 s and
-# precompute 79 -> 49 s, the sampler (MM-DiT steps + VAE decode) on 100 eval prompts 14-15
-# -> 12.5 s (AMD EPYC, AVX2, 2 cores). The MM-DiT's train step is not: it is about 5% faster
+# precompute 79 -> 49 s, the sampler (MM-DiT steps + VAE decode) on 100 eval prompts
+# 13.8-15.4 -> 12.5-12.7 s, the editing sampler on 192 edits 35.8-42.2 -> 23.4-26.0 s (AMD
+# EPYC, AVX2, 2 cores). The MM-DiT's train step is not: it is about 5% faster
 # with YNNPACK, so this is set per program, not in XLA_FLAGS.
 _CPU_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 

@@ -51,8 +51,7 @@ def _edit_fn(pipe: sample_lib.Pipeline, steps: int, shift: float, guided: bool, 
     latents = flow.sample(model_fn, z1, steps, "euler", shift, pipe.formulation)
     return jnp.clip(vae.decode_latents(vparams, latents) / 2 + 0.5, 0.0, 1.0)
 
-  # XLA's own convolution kernels (parallel.conv_compiler_options), as sd3jax.sample: 192
-  # edits of the shapes job (14 steps, dual guidance) 36-42 -> 23-25 s on 2 AVX2 cores.
+  # XLA's own kernels on CPU: faster for this program (parallel.conv_compiler_options).
   pipe._cache[key] = jax.jit(  # pylint: disable=protected-access
       run, compiler_options=parallel.conv_compiler_options(mesh))
   return pipe._cache[key]  # pylint: disable=protected-access
