@@ -146,8 +146,7 @@ def _parse(arg: str | None) -> dict:
   aspect = "aspect" in parts
   parts = [p for p in parts if p not in ("smoke", "aspect")]
   if smoke:
-    out.update(steps=30, vae_steps=20, num_train=256, batch=16, depth=2, width=64,
-               weak_steps=10)
+    out.update(steps=30, vae_steps=20, num_train=256, batch=16, depth=2, width=64)
   for p in parts:
     key, sep, value = p.partition("=")
     if not sep or key not in out:
@@ -279,6 +278,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # Guidance only at t <= 0.85 (a guidance interval): above it CFG multiplies the
       # objects the model places. Autoguidance by the weak model there only with
       # weak_steps=N: the 2 minutes buy more as training steps (the docstring).
-      sample_steps=28, sample_cfg=7.0, sample_cfg_max_t=0.85,
+      sample_steps=28 if not a["smoke"] else 8, sample_cfg=7.0, sample_cfg_max_t=0.85,
       sample_autoguidance=2.0 if a["weak_steps"] else 1.0, sample_shift=6.0))
   return c

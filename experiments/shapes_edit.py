@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   smoke = "smoke" in parts
   steps = own.get("edit_steps", 20 if smoke else 3200)
   c.job.edit = ConfigDict(dict(
-      data=dict(num_train=256 if smoke else 6000, num_val=64 if smoke else 512, seed=0),
+      data=dict(num_train=64 if smoke else 6000, num_val=64 if smoke else 512, seed=0),
       train=dict(
           steps=steps, batch=c.batch_size,
           optimizer="muon",          # as the text-to-image stage (AdamW lr 2e-3: 0.58 / 0.75)

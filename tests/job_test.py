@@ -101,22 +101,17 @@ def test_run_interrupted_in_training_then_rerun_finishes(tmp_path):
 
   # `sd3jax sample --workdir JOB` (the job's folder, not its mmdit/ run) from another
   # directory; images go to JOB/generated, apart from the job's samples/ and training grids.
+  # -v brings INFO lines back (the rerun above showed them off by default); --height /
+  # --width: any size the patch grid allows.
   sampled = subprocess.run(
       [sys.executable, "-m", "sd3jax.cli", "sample", "--workdir", str(workdir), "--prompt",
-       "a red circle", "--steps", "2"], capture_output=True, text=True, env=_env(), cwd=ROOT,
-      timeout=600)
+       "a red circle", "--steps", "2", "-v", "--height", "48", "--width", "80"],
+      capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
   assert sampled.returncode == 0, sampled.stderr[-3000:]
   assert sorted(os.listdir(workdir / "generated")) == ["0000_a_red_circle.png", "grid.png"]
-  assert not re.search(r"^I\d{4} ", sampled.stderr, re.M), sampled.stderr[-3000:]
-  verbose = subprocess.run(
-      [sys.executable, "-m", "sd3jax.cli", "sample", "--workdir", str(workdir), "--prompt",
-       "a red circle", "--steps", "2", "--out", str(tmp_path / "v"), "-v", "--height", "48",
-       "--width", "80"],
-      capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
-  assert verbose.returncode == 0, verbose.stderr[-3000:]
-  assert re.search(r"^I\d{4} ", verbose.stderr, re.M), verbose.stderr[-3000:]  # -v: INFO back
-  from PIL import Image  # --height / --width: any size the patch grid allows
-  assert Image.open(tmp_path / "v" / "0000_a_red_circle.png").size == (80, 48)
+  assert re.search(r"^I\d{4} ", sampled.stderr, re.M), sampled.stderr[-3000:]
+  from PIL import Image
+  assert Image.open(workdir / "generated" / "0000_a_red_circle.png").size == (80, 48)
 
   # The editing experiment on the finished job: only its own stages run (the text-to-image
   # ones are the same settings, so they are skipped), then `sd3jax edit` on its model.
@@ -217,6 +212,44 @@ def test_a_bad_training_setting_fails_before_any_stage_runs(tmp_path, experiment
   with pytest.raises(config_lib.ConfigError, match=re.escape(f"{leaf}={value}")):
     job.run_main(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "job")  # nothing ran, no marker written
+
+
+def test_the_weak_stage_trains_a_short_run_that_the_sampler_uses(tmp_path, monkeypatch):
+  """With job.weak_steps (off in the default job and its smoke) the weak stage trains the same
+  MM-DiT for that many steps, without evals, into WORKDIR/mmdit_weak, and the main run's
+  evals sample with it as the autoguidance model."""
+  import types
+  from sd3jax import train
+  config = config_lib.load(SMOKE + ",weak_steps=10")
+  paths = job.Paths(str(tmp_path), config)
+  assert job.uses_weak_model(config) and config.eval.sample_autoguidance == 2.0
+  trained = []
+
+  def fake_train(c, workdir):
+    trained.append((c, workdir))
+    return types.SimpleNamespace(step=c.total_steps, interrupted=len(trained) > 1)
+  monkeypatch.setattr(train, "train", fake_train)
+  assert job.stage_weak(config, paths) == {"path": paths.mmdit_weak, "steps": 10}
+  weak, workdir = trained[0]
+  assert workdir == paths.mmdit_weak and weak.total_steps == 10
+  assert weak.eval.every_steps == 0 and weak.eval.sample_autoguidance == 1.0
+  main = job.mmdit_config(config, paths)
+  assert main.eval.sample_autoguidance_run == paths.mmdit_weak
+  for key in ("model", "data", "flow", "optimizer", "conditioning"):
+    assert weak[key].to_dict() == main[key].to_dict(), key  # the same MM-DiT and recipe
+  with pytest.raises(job.Interrupted, match="weak MM-DiT training stopped at step 10"):
+    job.stage_weak(config, paths)
+  base = job.fingerprints(config)
+  with config.unlocked():
+    config.job.weak_steps = 20
+  changed = job.fingerprints(config)
+  assert [s for s in job.STAGES if base[s] != changed[s]] == ["weak", "train", "sample",
+                                                               "evaluate"]
+  smoke = config_lib.load(SMOKE)  # the default job's smoke: no weak model, nothing trained
+  assert not job.uses_weak_model(smoke)
+  assert "skipped" in job.stage_weak(smoke, job.Paths(str(tmp_path), smoke))
+  assert len(trained) == 2 and not job.mmdit_config(smoke, paths).eval.get(
+      "sample_autoguidance_run")
 
 
 def test_fingerprints_cover_upstream_stages():
